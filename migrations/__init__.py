@@ -1,0 +1,1 @@
+"""Alembic migrations for ``db/``; run them with ``db.init_db()`` or the ``alembic`` CLI."""

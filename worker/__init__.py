@@ -1,0 +1,1 @@
+"""OpenLoRA worker: model, paged KV cache, scheduler and engine (the GPU side)."""

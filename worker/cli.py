@@ -1,0 +1,139 @@
+"""The ``openlora`` command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_HOME = Path(os.environ.get("OPENLORA_HOME", Path.home() / ".cache" / "openlora"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="openlora", description="Serve many LoRA adapters of one base model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="tiny model + several adapters decoded in one batch, streamed side by side")
+    demo.add_argument("--dir", type=Path, default=DEFAULT_HOME / "tiny", help="where the tiny model is made")
+    demo.add_argument("--adapters", type=int, default=4)
+    demo.add_argument("--max-tokens", type=int, default=24)
+    demo.add_argument("--seed", type=int, default=0)
+
+    tiny = sub.add_parser("make-tiny", help="write a random tiny Llama, a tokenizer and random PEFT adapters")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--adapters", type=int, default=4)
+    tiny.add_argument("--model-type", choices=["llama", "qwen2"], default="llama")
+
+    gen = sub.add_parser("generate", help="offline generation with the engine in this process")
+    gen.add_argument("model_dir", type=Path)
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    gen.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="load a PEFT adapter")
+    gen.add_argument("--use", action="append", default=None, metavar="NAME",
+                     help="adapter per prompt, in order ('-' = base model)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+
+    args = parser.parse_args(argv)
+    from worker.errors import OpenLoRAError
+    try:
+        return {"demo": cmd_demo, "make-tiny": cmd_make_tiny, "generate": cmd_generate}[args.command](args)
+    except OpenLoRAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_make_tiny(args) -> int:
+    from worker.tiny import TinySpec, make_tiny_setup
+    model, adapters = make_tiny_setup(args.dir, args.adapters, TinySpec(model_type=args.model_type))
+    print(f"model:    {model}")
+    for name, path in adapters.items():
+        print(f"adapter:  {name:6s} {path}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from worker.engine import Engine, SamplingParams
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    engine = Engine(args.model_dir, device=args.device, dtype=dtype, progress=_progress("weights"))
+    for spec in args.adapter:
+        name, _, path = spec.partition("=")
+        engine.add_adapter(name, path)
+    uses = args.use or [None] * len(args.prompt)
+    uses = [None if u in (None, "-") else u for u in uses]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    for prompt, adapter, out in zip(args.prompt, uses, engine.generate(args.prompt, uses, params)):
+        print(f"[{adapter or 'base'}] {prompt!r} -> {out.text!r} ({len(out.token_ids)} tokens, {out.finish_reason})")
+    del torch
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from worker.engine import Engine, SamplingParams
+    from worker.tiny import make_tiny_setup
+    model_dir, adapters = _tiny_setup(args.dir, args.adapters, make_tiny_setup)
+    print(f"loading the engine (tiny random Llama, CPU, float32) from {model_dir}")
+    engine = Engine(model_dir, max_loras=max(1, len(adapters)))
+    for name, path in adapters.items():
+        a = engine.add_adapter(name, path)
+        print(f"  adapter {name}: rank {a.rank}, targets {','.join(a.target_modules)}")
+    names = [None, *adapters]
+    prompts = ["the quick brown fox", "SELECT name FROM", "def main():", "Bonjour, ça va?", "every token streams"]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.8, top_p=0.95, seed=args.seed, ignore_eos=True)
+    ids = {}
+    for k, name in enumerate(names):
+        ids[engine.add_request(None, prompts[k % len(prompts)], name, params)] = k
+    width = 18
+    print("\nstreaming, one row per engine step (one batch holds every adapter):")
+    print(" step | " + " | ".join(f"{(n or 'base'):<{width}}" for n in names))
+    texts = [""] * len(names)
+    step, start, tokens = 0, time.perf_counter(), 0
+    while engine.has_unfinished():
+        cells = [""] * len(names)
+        for out in engine.step():
+            k = ids[out.request_id]
+            cells[k] = out.text_delta
+            texts[k] += out.text_delta
+            tokens += len(out.new_token_ids)
+        step += 1
+        print(f" {step:4d} | " + " | ".join(f"{_printable(c)[:width]:<{width}}" for c in cells), flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"\n{tokens} tokens for {len(names)} requests in {step} steps, {elapsed:.2f} s ({tokens / elapsed:.0f} tok/s)")
+    print("\nfinal texts:")
+    for k, name in enumerate(names):
+        print(f"  {(name or 'base'):<6} {prompts[k % len(prompts)]!r} -> {_printable(texts[k])!r}")
+    return 0
+
+
+def _tiny_setup(directory: Path, n: int, make):
+    model_dir, adapters_dir = directory / "model", directory / "adapters"
+    if (model_dir / "config.json").exists() and all((adapters_dir / f"ad{k}").exists() for k in range(n)):
+        return model_dir, {f"ad{k}": adapters_dir / f"ad{k}" for k in range(n)}
+    print(f"making a tiny random Llama, a tokenizer and {n} PEFT adapters in {directory} ...", flush=True)
+    return make(directory, n)
+
+
+def _printable(s: str) -> str:
+    return "".join(c if c.isprintable() else "·" for c in s)
+
+
+def _progress(what: str):
+    def report(done: int, total: int, name: str) -> None:
+        print(f"  {what}: {done}/{total} {name}", file=sys.stderr, flush=True)
+    return report
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

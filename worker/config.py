@@ -1,0 +1,51 @@
+"""Engine configuration: one validated object, defaults that run on one machine."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.errors import OpenLoRAError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    max_loras: int = 4                  # GPU slots: distinct adapters in one step
+    max_lora_rank: int = 64
+    block_size: int = 16
+    num_blocks: int | None = None       # None: from memory (GPU) or 512 (CPU)
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None    # None: the model's context
+    lora_backend: str = "auto"          # torch | triton | auto (triton on CUDA)
+    attention_backend: str = "auto"     # torch | triton | auto
+    starvation_steps: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):
+            if self.dtype not in DTYPES:
+                raise OpenLoRAError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            self.dtype = DTYPES[self.dtype]
+        for name in ("max_loras", "max_lora_rank", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "starvation_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise OpenLoRAError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise OpenLoRAError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise OpenLoRAError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("lora_backend", "attention_backend"):
+            if getattr(self, name) not in ("auto", "torch", "triton"):
+                raise OpenLoRAError(f"{name} must be auto, torch or triton, got {getattr(self, name)!r}")
+
+    def backend(self, name: str) -> str:
+        choice = getattr(self, name)
+        if choice == "auto":
+            return "triton" if torch.device(self.device).type == "cuda" else "torch"
+        return choice

@@ -1,0 +1,232 @@
+"""The engine: add requests, step, stream; ``generate`` for offline use in one process.
+
+``step()`` reads top to bottom: schedule, build the step's inputs, run the model,
+sample, post-process (stop checks, detokenize, free what finished).
+"""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import torch
+
+from worker.attention_backend import make_attention
+from worker.config import EngineConfig
+from worker.errors import AdapterError, InvalidRequestError, PromptTooLongError, UnknownAdapterError
+from worker.kv_cache import KVCache
+from worker.lora.backend import make_lora_backend
+from worker.lora.peft_format import LoRAAdapter, load_peft_adapter
+from worker.lora.slots import AdapterSlots
+from worker.model.config import ModelConfig
+from worker.model.llama import LlamaModel
+from worker.model.weights import load_weights, random_weights
+from worker.outputs import CompletionOutput, RequestOutput
+from worker.postprocess import finish_output, process_sampled
+from worker.sampler import prompt_logprobs, sample
+from worker.sampling_params import SamplingParams
+from worker.scheduler import ScheduledSeq, Scheduler
+from worker.sequence import Sequence
+from worker.step_inputs import StepBuffers, StepInputs
+
+__all__ = ["Engine", "SamplingParams", "EngineConfig"]
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, random_init: bool = False, progress=None, **options):
+        self.config = cfg = EngineConfig(**options)
+        self.device = torch.device(cfg.device)
+        self.model_config = mc = ModelConfig.from_dir(model_dir)
+        self.model_dir = str(model_dir)
+        weights = (random_weights(mc, self.device, cfg.dtype) if random_init
+                   else load_weights(model_dir, mc, self.device, cfg.dtype, progress))
+        self.tokenizer = _load_tokenizer(model_dir)
+        self.adapters: dict[str, LoRAAdapter] = {}
+        self.slots = AdapterSlots(mc, cfg.max_loras, cfg.max_lora_rank, self.device, cfg.dtype,
+                                  make_lora_backend(cfg.backend("lora_backend")))
+        self.model = LlamaModel(mc, weights, make_attention(cfg.backend("attention_backend")), self.slots)
+        num_blocks = cfg.num_blocks or self._auto_num_blocks()
+        self.kv = KVCache(mc, num_blocks, cfg.block_size, self.device, cfg.dtype)
+        self.max_model_len = min(cfg.max_model_len or mc.max_context, mc.max_context, num_blocks * cfg.block_size)
+        self.scheduler = Scheduler(self.kv, self.slots, self.adapters, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   cfg.starvation_steps)
+        self.buffers = StepBuffers(cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                                   -(-self.max_model_len // cfg.block_size), cfg.max_loras, self.device)
+        self.seqs: dict[str, Sequence] = {}
+        self._aborted: list[RequestOutput] = []
+
+    # -- adapters ----------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str | Path) -> LoRAAdapter:
+        """Load and validate a PEFT adapter into host memory; replaces an idle adapter of the same name."""
+        if not isinstance(name, str) or not name:
+            raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
+        adapter = load_peft_adapter(name, path, self.model_config, self.config.max_lora_rank, self.config.dtype)
+        if name in self.adapters:
+            self.slots.evict(name)      # raises while running requests use the old version
+        if self.device.type == "cuda":
+            for m in adapter.modules.values():
+                m.a, m.b = m.a.pin_memory(), m.b.pin_memory()
+        self.adapters[name] = adapter
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+        if any(s.adapter == name for s in self.seqs.values()):
+            raise AdapterError(f"adapter {name!r} has requests in flight")
+        self.slots.evict(name)
+        del self.adapters[name]
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: str | list[int], adapter: str | None = None,
+                    params: SamplingParams | None = None) -> str:
+        """Validate and queue one request; raises InvalidRequestError (and subclasses) for bad input."""
+        seq = self._make_sequence(request_id, prompt, adapter, params or SamplingParams())
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        self._aborted.append(RequestOutput(request_id, [], "", [], finished=True, finish_reason="abort"))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._aborted = self._aborted, []
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return outputs
+        inputs, prompt_rows, sample_rows = self._build_inputs(scheduled)
+        hidden = self.model.forward(inputs, self.kv.layers)
+        logits = self.model.logits(hidden[inputs.logits_idx])
+        for sch, (lo, hi, first_target) in prompt_rows.items():
+            seq = sch.seq
+            targets = [seq.prompt_ids[first_target + j] for j in range(hi - lo)]
+            seq.prompt_logprobs.extend(prompt_logprobs(logits[lo:hi], targets, seq.params.prompt_logprobs))
+        for sch in scheduled:
+            sch.seq.num_computed += sch.num_new
+        if sample_rows:
+            seqs = [s.seq for s in sample_rows]
+            rows = torch.tensor([r for r in sample_rows.values()], device=logits.device)
+            tokens, lps = sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs])
+            for seq, tok, lp in zip(seqs, tokens, lps):
+                out = process_sampled(seq, tok, lp, self.tokenizer, self.max_model_len)
+                if out.finished:
+                    self.scheduler.finish(seq)
+                    self.seqs.pop(seq.request_id, None)
+                outputs.append(out)
+        return outputs
+
+    def generate(self, prompts: list[str | list[int]] | str, adapters: list[str | None] | str | None = None,
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[CompletionOutput]:
+        """Run a batch to completion. Every request is validated before any is queued."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        n = len(prompts)
+        adapters = adapters if isinstance(adapters, list) else [adapters] * n
+        params = params if isinstance(params, list) else [params or SamplingParams()] * n
+        if len(adapters) != n or len(params) != n:
+            raise InvalidRequestError(f"{n} prompts need {n} adapters and params, got {len(adapters)} and {len(params)}")
+        seqs = [self._make_sequence(None, p, a, sp) for p, a, sp in zip(prompts, adapters, params)]
+        for seq in seqs:
+            self.seqs[seq.request_id] = seq
+            self.scheduler.add(seq)
+        while any(not s.finished for s in seqs):
+            self.step()
+        return [finish_output(s, self.tokenizer) for s in seqs]
+
+    # -- internals ---------------------------------------------------------------------------
+    def _make_sequence(self, request_id, prompt, adapter, params: SamplingParams) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate()
+        request_id = str(request_id) if request_id is not None else uuid.uuid4().hex
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight")
+        if adapter is not None and adapter not in self.adapters:
+            raise UnknownAdapterError(f"unknown adapter {adapter!r} (loaded: {', '.join(sorted(self.adapters)) or 'none'})")
+        ids = self._encode(prompt)
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(f"prompt is {len(ids)} tokens; the context holds {self.max_model_len} "
+                                     "including at least one generated token")
+        gen = None
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        elif not params.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(int.from_bytes(uuid.uuid4().bytes[:8], "little") >> 1)
+        return Sequence(request_id, ids, params, adapter, gen, self._eos_ids())
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: send token ids instead of text")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token ids out of range [0, {self.model_config.vocab_size}): {bad[:5]}")
+        else:
+            raise InvalidRequestError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        return ids
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(ids)
+
+    def _build_inputs(self, scheduled: list[ScheduledSeq]):
+        bs = self.config.block_size
+        ids, pos, slots_map, tables, ctx, q_lens, token_slots, logits_idx = [], [], [], [], [], [], [], []
+        prompt_rows: dict[ScheduledSeq, tuple[int, int, int]] = {}
+        sample_rows: dict[ScheduledSeq, int] = {}
+        for sch in scheduled:
+            seq, start, n = sch.seq, sch.seq.num_computed, sch.num_new
+            row0 = len(ids)
+            for p in range(start, start + n):
+                ids.append(seq.token_at(p))
+                pos.append(p)
+                slots_map.append(seq.block_table[p // bs] * bs + p % bs)
+            tables.append(seq.block_table)
+            ctx.append(start + n)
+            q_lens.append(n)
+            token_slots.extend([seq.slot] * n)
+            if seq.wants_prompt_logprobs:
+                # position p predicts prompt token p + 1; skip targets already scored before a preemption
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                last = min(start + n, len(seq.prompt_ids) - 1)
+                if last > first:
+                    prompt_rows[sch] = (len(logits_idx), len(logits_idx) + last - first, first + 1)
+                    logits_idx.extend(row0 + p - start for p in range(first, last))
+            if sch.completes:
+                sample_rows[sch] = len(logits_idx)
+                logits_idx.append(row0 + n - 1)
+        inputs: StepInputs = self.buffers.fill(ids, pos, slots_map, tables, ctx, q_lens, logits_idx, token_slots)
+        return inputs, prompt_rows, sample_rows
+
+    def _auto_num_blocks(self) -> int:
+        per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, self.config.dtype)
+        if self.device.type != "cuda":
+            return 512
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = free - (1 - self.config.gpu_memory_utilization) * total - (1 << 30)  # 1 GiB for activations
+        if budget < per_block:
+            raise MemoryError("no GPU memory left for the KV cache")
+        return int(budget // per_block)
+
+
+def _load_tokenizer(model_dir):
+    d = Path(model_dir)
+    if not ((d / "tokenizer.json").exists() or (d / "tokenizer.model").exists()):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(d))

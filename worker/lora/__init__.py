@@ -1,0 +1,1 @@
+"""LoRA adapters: PEFT-format loading and validation, GPU slots, compute backends."""

@@ -1,0 +1,145 @@
+"""GPU slots: the adapters resident on the device, stacked per layer for the SGMV kernels.
+
+``max_loras`` slots each hold one adapter. Per layer and fused projection
+("family": qkv, o, gate_up, down) the slots' weights are stacked in the layout
+of ``kernels/lora_torch.py``. Slots are reference-counted by the running
+sequences: an adapter in use is never evicted; among the idle ones the least
+recently used goes first, and pinned adapters never.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from kernels.lora_meta import LoRAMeta
+from worker.errors import AdapterError
+from worker.lora.peft_format import MODULE_SLICES, LoRAAdapter
+from worker.model.config import ModelConfig
+
+FAMILIES = ("qkv", "o", "gate_up", "down")
+
+
+@dataclass
+class LoRAFamily:
+    """Stacked LoRA weights of one fused projection of one layer, for every slot."""
+    lora_a: torch.Tensor          # [slots, n_slices, max_rank, in]
+    lora_b: torch.Tensor          # [slots, max_rank, out_total]
+    ranks: torch.Tensor           # [slots, n_slices] int32 (device)
+    scalings: torch.Tensor        # [slots, n_slices] float32 (device)
+    ranks_cpu: torch.Tensor
+    scalings_cpu: torch.Tensor
+    out_offsets: tuple[int, ...]
+
+
+def family_shapes(cfg: ModelConfig) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """family -> (in_features, slice offsets in out_features)."""
+    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    return {"qkv": (h, (0, q, q + kv, q + 2 * kv)), "o": (q, (0, h)), "gate_up": (h, (0, i, 2 * i)), "down": (i, (0, h))}
+
+
+class AdapterSlots:
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, device: torch.device, dtype: torch.dtype,
+                 backend):
+        if num_slots < 1:
+            raise ValueError(f"max_loras must be >= 1, got {num_slots}")
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self.backend = backend
+        self.layers: list[dict[str, LoRAFamily]] = []
+        for _ in range(cfg.num_layers):
+            fams = {}
+            for fam, (fan_in, offs) in family_shapes(cfg).items():
+                n = len(offs) - 1
+                fams[fam] = LoRAFamily(
+                    lora_a=torch.zeros(num_slots, n, max_rank, fan_in, device=device, dtype=dtype),
+                    lora_b=torch.zeros(num_slots, max_rank, offs[-1], device=device, dtype=dtype),
+                    ranks=torch.zeros(num_slots, n, dtype=torch.int32, device=device),
+                    scalings=torch.zeros(num_slots, n, dtype=torch.float32, device=device),
+                    ranks_cpu=torch.zeros(num_slots, n, dtype=torch.int32),
+                    scalings_cpu=torch.zeros(num_slots, n, dtype=torch.float32),
+                    out_offsets=offs)
+            self.layers.append(fams)
+        self.slot_of: OrderedDict[str, int] = OrderedDict()   # resident adapter -> slot, in LRU order
+        self.refs: dict[str, int] = {}
+        self.pinned: set[str] = set()
+        self.loads = 0
+
+    # -- residency -------------------------------------------------------------------------
+    def can_acquire(self, name: str) -> bool:
+        return name in self.slot_of or len(self.slot_of) < self.num_slots or self._victim() is not None
+
+    def acquire(self, adapter: LoRAAdapter) -> int:
+        """Make ``adapter`` resident (loading it if needed) and take a reference; returns its slot."""
+        name = adapter.name
+        if name not in self.slot_of:
+            used = set(self.slot_of.values())
+            free = [s for s in range(self.num_slots) if s not in used]
+            if free:
+                slot = free[0]
+            else:
+                victim = self._victim()
+                if victim is None:
+                    raise AdapterError(f"all {self.num_slots} LoRA slots are in use; {name!r} must wait")
+                slot = self.slot_of.pop(victim)
+            self._write(slot, adapter)
+            self.slot_of[name] = slot
+            self.loads += 1
+        self.slot_of.move_to_end(name)
+        self.refs[name] = self.refs.get(name, 0) + 1
+        return self.slot_of[name]
+
+    def release(self, name: str) -> None:
+        n = self.refs.get(name, 0) - 1
+        if n > 0:
+            self.refs[name] = n
+        else:
+            self.refs.pop(name, None)
+
+    def evict(self, name: str) -> None:
+        """Drop a resident adapter (e.g. a new version replaced it); refuses while it is in use."""
+        if self.refs.get(name):
+            raise AdapterError(f"adapter {name!r} is in use by running requests")
+        slot = self.slot_of.pop(name, None)
+        if slot is not None:
+            self._clear(slot)
+
+    def in_use(self, name: str) -> bool:
+        return bool(self.refs.get(name))
+
+    def _victim(self) -> str | None:
+        for name in self.slot_of:               # oldest first
+            if not self.refs.get(name) and name not in self.pinned:
+                return name
+        return None
+
+    def _clear(self, slot: int) -> None:
+        for fams in self.layers:
+            for f in fams.values():
+                f.ranks[slot] = 0
+                f.ranks_cpu[slot] = 0
+                f.scalings[slot] = 0.0
+                f.scalings_cpu[slot] = 0.0
+
+    def _write(self, slot: int, adapter: LoRAAdapter) -> None:
+        self._clear(slot)
+        for (layer, module), m in adapter.modules.items():
+            fam_name, i = MODULE_SLICES[module]
+            f = self.layers[layer][fam_name]
+            r = m.rank
+            lo, hi = f.out_offsets[i], f.out_offsets[i + 1]
+            f.lora_a[slot, i, :r].copy_(m.a, non_blocking=True)
+            f.lora_a[slot, i, r:].zero_()
+            f.lora_b[slot, :r, lo:hi].copy_(m.b.T, non_blocking=True)
+            f.lora_b[slot, r:, lo:hi].zero_()
+            f.ranks_cpu[slot, i] = r
+            f.scalings_cpu[slot, i] = m.scaling
+        for fams in self.layers:
+            for f in fams.values():
+                f.ranks[slot].copy_(f.ranks_cpu[slot])
+                f.scalings[slot].copy_(f.scalings_cpu[slot])
+
+    # -- compute ---------------------------------------------------------------------------
+    def apply(self, x: torch.Tensor, y: torch.Tensor, layer: int, family: str, meta: LoRAMeta) -> None:
+        """y += LoRA(x) for every token with a slot, through the configured backend."""
+        self.backend.apply(x, y, self.layers[layer][family], meta)

@@ -1,0 +1,90 @@
+"""Turn logits into tokens: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+
+Sampling uses the exponential-race form (argmax of p / E, E ~ Exp(1)), which
+draws from p exactly and lets each seeded request use its own generator, so a
+seed gives the same tokens whatever else shares the batch. Logprobs are those
+of the model's own distribution (before temperature and truncation), as in
+the OpenAI API.
+"""
+from __future__ import annotations
+
+import torch
+
+from worker.outputs import TokenLogprob
+from worker.sampling_params import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits [N, vocab] float32 -> (token per row, logprob record per row or None)."""
+    n = logits.shape[0]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        idx = torch.tensor(rows, device=logits.device)
+        x = logits[idx] / torch.tensor([params[i].temperature for i in rows], device=logits.device)[:, None]
+        x = _top_k(x, [params[i].top_k for i in rows])
+        x = _top_p(x, [params[i].top_p for i in rows])
+        probs = torch.softmax(x, dim=-1)
+        race = torch.empty_like(probs)
+        for j, i in enumerate(rows):
+            race[j].exponential_(generator=generators[i])
+        tokens[idx] = (probs / race).argmax(dim=-1)
+    want = [p.logprobs for p in params]
+    top_n = max((w for w in want if w is not None), default=0)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    # one device->host copy for everything the host needs
+    if top_n:
+        top_v, top_i = logprobs.topk(top_n, dim=-1)
+        host = torch.cat([tokens[:, None].float(), chosen[:, None], top_v, top_i.float()], dim=1).tolist()
+    else:
+        host = torch.stack([tokens.float(), chosen], dim=1).tolist()
+    out_tokens, out_lp = [], []
+    for i in range(n):
+        row = host[i]
+        tok = int(row[0])
+        out_tokens.append(tok)
+        if want[i] is None:
+            out_lp.append(None)
+            continue
+        k = want[i]
+        top = {int(row[2 + top_n + j]): row[2 + j] for j in range(k)}
+        out_lp.append(TokenLogprob(token_id=tok, logprob=row[1], top=top))
+    return out_tokens, out_lp
+
+
+def _top_k(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    if not any(ks):
+        return x
+    vocab = x.shape[-1]
+    k = torch.tensor([k if 0 < k < vocab else vocab for k in ks], device=x.device)
+    kth = x.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+    return x.masked_fill(x < kth, float("-inf"))
+
+
+def _top_p(x: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    if all(p >= 1.0 for p in ps):
+        return x
+    p = torch.tensor(ps, device=x.device, dtype=torch.float32)[:, None]
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    probs = sorted_x.softmax(dim=-1)
+    # drop a token when the tokens before it already reach p; the most likely token always stays
+    drop = (probs.cumsum(dim=-1) - probs) >= p
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    return torch.empty_like(x).scatter_(1, order, sorted_x)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprob]:
+    """logits [n, vocab] predicting ``targets`` [n] -> one record per target."""
+    lp = torch.log_softmax(logits, dim=-1)
+    t = torch.tensor(targets, device=logits.device)
+    chosen = lp.gather(1, t[:, None]).squeeze(1).tolist()
+    if top_n:
+        top_v, top_i = lp.topk(top_n, dim=-1)
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+    out = []
+    for j, tok in enumerate(targets):
+        top = {top_i[j][m]: top_v[j][m] for m in range(top_n)} if top_n else {}
+        out.append(TokenLogprob(token_id=tok, logprob=chosen[j], top=top))
+    return out

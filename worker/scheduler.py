@@ -1,0 +1,131 @@
+"""Continuous batching under a token budget, with chunked prefill and preemption by recompute.
+
+Each step, in order:
+1. running sequences, decodes first (one token each) so a long prompt never
+   stalls them, then prefills in progress (a chunk each, within the budget);
+   when KV blocks run out, the most recently arrived running sequence is
+   preempted: its blocks are freed and it goes back to the head of the queue,
+   to be recomputed later;
+2. waiting sequences, first come first served, each taking a prefill chunk,
+   as long as the budget, the batch size, free blocks and LoRA slots allow.
+   A request whose adapter finds no free slot is passed over (others behind it
+   may go); once passed over ``starvation_steps`` times, nothing behind it is
+   admitted until it gets its slot, so busy adapters cannot starve it.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from worker.kv_cache import KVCache
+from worker.lora.slots import AdapterSlots
+from worker.sequence import Sequence, Status
+
+
+@dataclass(eq=False)   # identity hash: used as a dict key per step
+class ScheduledSeq:
+    seq: Sequence
+    num_new: int        # tokens computed this step, from seq.num_computed
+
+    @property
+    def completes(self) -> bool:
+        """After this step every known token of the sequence is in the cache: sample the next one."""
+        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, kv: KVCache, slots: AdapterSlots, adapters: dict, max_num_seqs: int,
+                 max_num_batched_tokens: int, starvation_steps: int = 8):
+        self.kv = kv
+        self.slots = slots
+        self.adapters = adapters            # name -> LoRAAdapter (host copies)
+        self.max_num_seqs = max_num_seqs
+        self.budget = max_num_batched_tokens
+        self.starvation_steps = starvation_steps
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.budget
+        out: list[ScheduledSeq] = []
+        preempted = False
+        queue = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, s.arrival))
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self._reserve(seq, n):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                out.append(ScheduledSeq(seq, n))
+                budget -= n
+        if not preempted:
+            budget = self._admit(out, budget)
+        return out
+
+    def _admit(self, out: list[ScheduledSeq], budget: int) -> int:
+        passed_over: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.adapter is not None and not self.slots.can_acquire(seq.adapter):
+                seq.skipped += 1
+                if seq.skipped >= self.starvation_steps:
+                    break                       # drain: nothing overtakes a starving request
+                passed_over.append(self.waiting.popleft())
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._reserve(seq, n):
+                break                           # out of KV blocks: wait for running sequences to finish
+            self.waiting.popleft()
+            if seq.adapter is not None:
+                seq.slot = self.slots.acquire(self.adapters[seq.adapter])
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.append(ScheduledSeq(seq, n))
+            budget -= n
+        self.waiting.extendleft(reversed(passed_over))
+        return budget
+
+    def _reserve(self, seq: Sequence, n: int) -> bool:
+        """Allocate the blocks ``seq`` needs for ``n`` more tokens; False if there are not enough free."""
+        need = self.kv.blocks_for(seq.num_computed + n) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > self.kv.allocator.num_free:
+            return False
+        seq.block_table.extend(self.kv.allocator.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s KV blocks and requeue it at the head; it will be recomputed from its tokens."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = Status.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        self.kv.allocator.free(seq.block_table)
+        seq.block_table = []
+        if seq.slot >= 0:
+            self.slots.release(seq.adapter)
+            seq.slot = -1
