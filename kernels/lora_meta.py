@@ -8,9 +8,32 @@ kernel can walk one segment per adapter. Buffers are preallocated at
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+
+class StagedBuffer:
+    """A device buffer with a pinned host twin, both allocated once.
+
+    ``put(values)`` writes a host list into the twin and moves it with one
+    non-blocking copy, so a step pays no page-locked allocation. The twin is
+    rewritten only on the next ``put``, after the step's own synchronisation.
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str, fill: int = 0):
+        device = torch.device(device)
+        self.device = torch.full((size,), fill, dtype=dtype, device=device)
+        self.host = torch.full((size,), fill, dtype=dtype, pin_memory=device.type == "cuda")
+
+    def put(self, values: list[int]) -> torch.Tensor:
+        n = len(values)
+        if n > self.device.numel():
+            raise ValueError(f"{n} values exceed the buffer's capacity {self.device.numel()}")
+        self.host[:n] = torch.tensor(values, dtype=self.host.dtype)
+        view = self.device[:n]
+        view.copy_(self.host[:n], non_blocking=True)
+        return view
 
 
 @dataclass
@@ -22,16 +45,15 @@ class LoRAMeta:
     num_tokens: int = 0         # tokens in this step (host side)
     num_segments: int = 0       # active segments (host side)
     max_seg_len: int = 0        # longest segment (host side; sizes a launch grid)
+    staged: dict[str, StagedBuffer] = field(default_factory=dict, repr=False)
 
     @classmethod
     def allocate(cls, max_tokens: int, max_slots: int, device: torch.device | str) -> "LoRAMeta":
-        i32 = dict(dtype=torch.int32, device=device)
-        return cls(
-            token_slot=torch.full((max_tokens,), -1, **i32),
-            sorted_idx=torch.zeros((max_tokens,), **i32),
-            seg_indptr=torch.zeros((max_slots + 1,), **i32),
-            seg_slot=torch.full((max_slots,), -1, **i32),
-        )
+        staged = {"token_slot": StagedBuffer(max_tokens, torch.int32, device, fill=-1),
+                  "sorted_idx": StagedBuffer(max_tokens, torch.int32, device),
+                  "seg_indptr": StagedBuffer(max_slots + 1, torch.int32, device),
+                  "seg_slot": StagedBuffer(max_slots, torch.int32, device, fill=-1)}
+        return cls(**{name: buf.device for name, buf in staged.items()}, staged=staged)
 
     @property
     def no_lora(self) -> bool:
@@ -67,15 +89,14 @@ class LoRAMeta:
             self.seg_indptr[-1:].zero_()
             return self
         pad = self.seg_slot.numel() - len(slots)
-        _copy(self.token_slot, token_slots)
-        _copy(self.sorted_idx, order)
-        _copy(self.seg_indptr, indptr + [indptr[-1]] * pad)
-        _copy(self.seg_slot, slots + [-1] * pad)
+        self._put("token_slot", token_slots)
+        self._put("sorted_idx", order)
+        self._put("seg_indptr", indptr + [indptr[-1]] * pad)
+        self._put("seg_slot", slots + [-1] * pad)
         return self
 
-
-def _copy(dst: torch.Tensor, values: list[int]) -> None:
-    src = torch.tensor(values, dtype=dst.dtype)
-    if dst.device.type == "cuda":
-        src = src.pin_memory()
-    dst[: len(values)].copy_(src, non_blocking=True)
+    def _put(self, name: str, values: list[int]) -> None:
+        if name in self.staged:
+            self.staged[name].put(values)
+        else:                                   # a meta built by hand (tests): plain copy
+            getattr(self, name)[: len(values)].copy_(torch.tensor(values, dtype=torch.int32))

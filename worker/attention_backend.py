@@ -32,7 +32,7 @@ class TritonAttention:
     def attention(self, q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale: float,
                   max_q_len: int) -> torch.Tensor:
         return self._k.paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale,
-                                       max_q_len=max_q_len)
+                                       max_seqlen_q=max_q_len)
 
 
 def make_attention(kind: str):

@@ -25,6 +25,7 @@ class EngineConfig:
     lora_backend: str = "auto"          # torch | triton | auto (triton on CUDA)
     attention_backend: str = "auto"     # torch | triton | auto
     starvation_steps: int = 8
+    cuda_graphs: bool = True            # replay decode steps from captured graphs (CUDA only)
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):

@@ -12,6 +12,7 @@ import torch
 
 from worker.attention_backend import make_attention
 from worker.config import EngineConfig
+from worker.cuda_graphs import DecodeGraphs
 from worker.errors import AdapterError, InvalidRequestError, PromptTooLongError, UnknownAdapterError
 from worker.kv_cache import KVCache
 from worker.lora.backend import make_lora_backend
@@ -26,7 +27,7 @@ from worker.sampler import prompt_logprobs, sample
 from worker.sampling_params import SamplingParams
 from worker.scheduler import ScheduledSeq, Scheduler
 from worker.sequence import Sequence
-from worker.step_inputs import StepBuffers, StepInputs
+from worker.step_inputs import StepBuffers
 
 __all__ = ["Engine", "SamplingParams", "EngineConfig"]
 
@@ -51,6 +52,10 @@ class Engine:
                                    cfg.starvation_steps)
         self.buffers = StepBuffers(cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                    -(-self.max_model_len // cfg.block_size), cfg.max_loras, self.device)
+        self.graphs = None
+        if cfg.cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self.model, self.kv, self.buffers, min(cfg.max_num_seqs, 256))
+            self.graphs.capture(progress)
         self.seqs: dict[str, Sequence] = {}
         self._aborted: list[RequestOutput] = []
 
@@ -59,13 +64,18 @@ class Engine:
         """Load and validate a PEFT adapter into host memory; replaces an idle adapter of the same name."""
         if not isinstance(name, str) or not name:
             raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
-        adapter = load_peft_adapter(name, path, self.model_config, self.config.max_lora_rank, self.config.dtype)
-        if name in self.adapters:
-            self.slots.evict(name)      # raises while running requests use the old version
+        return self.add_lora(load_peft_adapter(name, path, self.model_config, self.config.max_lora_rank,
+                                               self.config.dtype))
+
+    def add_lora(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """Register an adapter already validated into memory (``load_peft_adapter``)."""
+        if adapter.name in self.adapters:
+            self.slots.evict(adapter.name)      # raises while running requests use the old version
         if self.device.type == "cuda":
             for m in adapter.modules.values():
-                m.a, m.b = m.a.pin_memory(), m.b.pin_memory()
-        self.adapters[name] = adapter
+                if m.a.device.type == "cpu":
+                    m.a, m.b = m.a.pin_memory(), m.b.pin_memory()
+        self.adapters[adapter.name] = adapter
         return adapter
 
     def remove_adapter(self, name: str) -> None:
@@ -102,9 +112,7 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return outputs
-        inputs, prompt_rows, sample_rows = self._build_inputs(scheduled)
-        hidden = self.model.forward(inputs, self.kv.layers)
-        logits = self.model.logits(hidden[inputs.logits_idx])
+        logits, prompt_rows, sample_rows = self._run_model(scheduled)
         for sch, (lo, hi, first_target) in prompt_rows.items():
             seq = sch.seq
             targets = [seq.prompt_ids[first_target + j] for j in range(hi - lo)]
@@ -113,8 +121,10 @@ class Engine:
             sch.seq.num_computed += sch.num_new
         if sample_rows:
             seqs = [s.seq for s in sample_rows]
-            rows = torch.tensor([r for r in sample_rows.values()], device=logits.device)
-            tokens, lps = sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs])
+            rows = list(sample_rows.values())
+            if rows != list(range(logits.shape[0])):
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
             for seq, tok, lp in zip(seqs, tokens, lps):
                 out = process_sampled(seq, tok, lp, self.tokenizer, self.max_model_len)
                 if out.finished:
@@ -184,6 +194,16 @@ class Engine:
             ids.add(self.tokenizer.eos_token_id)
         return tuple(ids)
 
+    def _run_model(self, scheduled: list[ScheduledSeq]):
+        """One forward pass; returns (logits of the rows that need them, prompt-logprob rows, sampling rows)."""
+        lists, prompt_rows, sample_rows = self._build_inputs(scheduled)
+        ids, pos, slots_map, tables, ctx, q_lens, token_slots, logits_idx = lists
+        if self.graphs is not None and max(q_lens) == 1 and not prompt_rows and len(ids) <= self.graphs.max_batch:
+            return self.graphs.run(ids, pos, slots_map, tables, ctx, token_slots), prompt_rows, sample_rows
+        inputs = self.buffers.fill(ids, pos, slots_map, tables, ctx, q_lens, logits_idx, token_slots)
+        hidden = self.model.forward(inputs, self.kv.layers)
+        return self.model.logits(hidden[inputs.logits_idx]), prompt_rows, sample_rows
+
     def _build_inputs(self, scheduled: list[ScheduledSeq]):
         bs = self.config.block_size
         ids, pos, slots_map, tables, ctx, q_lens, token_slots, logits_idx = [], [], [], [], [], [], [], []
@@ -210,8 +230,7 @@ class Engine:
             if sch.completes:
                 sample_rows[sch] = len(logits_idx)
                 logits_idx.append(row0 + n - 1)
-        inputs: StepInputs = self.buffers.fill(ids, pos, slots_map, tables, ctx, q_lens, logits_idx, token_slots)
-        return inputs, prompt_rows, sample_rows
+        return (ids, pos, slots_map, tables, ctx, q_lens, token_slots, logits_idx), prompt_rows, sample_rows
 
     def _auto_num_blocks(self) -> int:
         per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, self.config.dtype)

@@ -9,13 +9,13 @@ from worker.model.config import ModelConfig
 
 
 class BlockAllocator:
-    """Hands out block ids from a free list; freed blocks go back to be reused."""
+    """Hands out block ids ``first..first+num_blocks-1`` from a free list; freed blocks go back to be reused."""
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, first: int = 0):
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: deque[int] = deque(range(first, first + num_blocks))
 
     @property
     def num_free(self) -> int:
@@ -31,14 +31,19 @@ class BlockAllocator:
 
 
 class KVCache:
-    """K and V for every layer: [num_blocks, block_size, num_kv_heads, head_dim] each."""
+    """K and V for every layer: [num_blocks + 1, block_size, num_kv_heads, head_dim] each.
+
+    Block 0 is never handed out: padded rows of a captured decode step write
+    their K/V there, so padding can never touch a real sequence's cache.
+    """
+    SCRATCH_BLOCK = 0
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.block_size = block_size
         self.layers = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                        for _ in range(cfg.num_layers)]
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, first=1)
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -18,7 +18,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [N, vocab] float32 -> (token per row, logprob record per row or None)."""
     n = logits.shape[0]
-    logprobs = torch.log_softmax(logits, dim=-1)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
@@ -32,14 +31,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             race[j].exponential_(generator=generators[i])
         tokens[idx] = (probs / race).argmax(dim=-1)
     want = [p.logprobs for p in params]
-    top_n = max((w for w in want if w is not None), default=0)
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    if all(w is None for w in want):
+        return tokens.tolist(), [None] * n          # the step's one device->host copy
+    top_n = max(w for w in want if w is not None)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])
     # one device->host copy for everything the host needs
+    parts = [tokens[:, None].float(), chosen]
     if top_n:
         top_v, top_i = logprobs.topk(top_n, dim=-1)
-        host = torch.cat([tokens[:, None].float(), chosen[:, None], top_v, top_i.float()], dim=1).tolist()
-    else:
-        host = torch.stack([tokens.float(), chosen], dim=1).tolist()
+        parts += [top_v, top_i.float()]
+    host = torch.cat(parts, dim=1).tolist()
     out_tokens, out_lp = [], []
     for i in range(n):
         row = host[i]
@@ -48,8 +50,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         if want[i] is None:
             out_lp.append(None)
             continue
-        k = want[i]
-        top = {int(row[2 + top_n + j]): row[2 + j] for j in range(k)}
+        top = {int(row[2 + top_n + j]): row[2 + j] for j in range(want[i])}
         out_lp.append(TokenLogprob(token_id=tok, logprob=row[1], top=top))
     return out_tokens, out_lp
 
