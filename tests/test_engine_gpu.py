@@ -36,14 +36,20 @@ def test_graphs_equal_eager_in_bf16(tiny):
     assert [o.token_ids for o in with_graphs] == [o.token_ids for o in eager]
 
 
-def test_bf16_close_to_fp32_reference(tiny):
+def test_bf16_triton_close_to_bf16_torch_reference(tiny):
+    """Same dtype, different kernels: the Triton path must track the plain-torch path on the GPU."""
     prompts, adapters = workload(seed=13)
-    fp32 = gpu_engine(tiny, dtype=torch.float32).generate(prompts, adapters, GREEDY)
-    bf16 = gpu_engine(tiny, dtype=torch.bfloat16).generate(prompts, adapters, GREEDY)
-    # bf16 rounding may flip a near-tie; the first tokens must agree and the logprobs stay close
-    for a, b in zip(fp32, bf16):
-        assert a.token_ids[:2] == b.token_ids[:2]
-        assert abs(a.logprobs[0].logprob - b.logprobs[0].logprob) < 0.1
+    p = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+    ours = gpu_engine(tiny, dtype=torch.bfloat16).generate(prompts, adapters, p)
+    ref = gpu_engine(tiny, dtype=torch.bfloat16, lora_backend="torch", attention_backend="torch",
+                     cuda_graphs=False).generate(prompts, adapters, p)
+    agree = 0
+    for a, b in zip(ours, ref):
+        common = set(a.logprobs[0].top) & set(b.logprobs[0].top)
+        assert len(common) >= 3
+        assert max(abs(a.logprobs[0].top[t] - b.logprobs[0].top[t]) for t in common) < 0.1
+        agree += a.token_ids == b.token_ids
+    assert agree >= len(prompts) - 2        # bf16 rounding may flip a near-tie, not more
 
 
 def test_preemption_and_chunked_prefill_on_gpu(tiny):

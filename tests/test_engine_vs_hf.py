@@ -7,6 +7,7 @@ import pytest
 
 from tests.hf_reference import HFReference
 from worker.engine import Engine, SamplingParams
+from worker.tiny import TinySpec, make_tiny_setup
 
 N_NEW = 10
 GREEDY = SamplingParams(max_tokens=N_NEW, temperature=0.0, logprobs=1, ignore_eos=True)
@@ -140,3 +141,17 @@ def test_qwen2_flavour_bias_and_tied_embeddings_match_peft(tiny_qwen):
     names = ["ad0", None, "ad1"]
     outs = engine.generate(prompts, names, GREEDY)
     check_against_reference(ref, prompts, names, outs)
+
+
+@pytest.mark.parametrize("spec", [
+    TinySpec(model_type="mistral"),
+    TinySpec(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 64}),
+], ids=["mistral", "llama3-rope"])
+def test_model_flavours_match_peft(tmp_path, spec):
+    model_dir, adapters = make_tiny_setup(tmp_path, num_adapters=2, spec=spec, seed=3)
+    ref = HFReference(model_dir, adapters)
+    engine = make_engine((model_dir, adapters))
+    prompts = [list(range(5, 75)), [100, 3, 4], [7] * 12]   # 70 tokens: past llama3's original context of 64
+    names = ["ad0", None, "ad1"]
+    check_against_reference(ref, prompts, names, engine.generate(prompts, names, GREEDY))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from worker.attention_backend import make_attention
 from worker.config import EngineConfig
 from worker.cuda_graphs import DecodeGraphs
 from worker.errors import AdapterError, InvalidRequestError, PromptTooLongError, UnknownAdapterError
@@ -21,6 +20,7 @@ from worker.lora.slots import AdapterSlots
 from worker.model.config import ModelConfig
 from worker.model.llama import LlamaModel
 from worker.model.weights import load_weights, random_weights
+from worker.model_ops import make_ops
 from worker.outputs import CompletionOutput, RequestOutput
 from worker.postprocess import finish_output, process_sampled
 from worker.sampler import prompt_logprobs, sample
@@ -44,7 +44,7 @@ class Engine:
         self.adapters: dict[str, LoRAAdapter] = {}
         self.slots = AdapterSlots(mc, cfg.max_loras, cfg.max_lora_rank, self.device, cfg.dtype,
                                   make_lora_backend(cfg.backend("lora_backend")))
-        self.model = LlamaModel(mc, weights, make_attention(cfg.backend("attention_backend")), self.slots)
+        self.model = LlamaModel(mc, weights, make_ops(cfg.backend("attention_backend")), self.slots)
         num_blocks = cfg.num_blocks or self._auto_num_blocks()
         self.kv = KVCache(mc, num_blocks, cfg.block_size, self.device, cfg.dtype)
         self.max_model_len = min(cfg.max_model_len or mc.max_context, mc.max_context, num_blocks * cfg.block_size)

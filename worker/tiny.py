@@ -39,6 +39,7 @@ class TinySpec:
     max_position_embeddings: int = 1024
     model_type: str = "llama"
     tie_word_embeddings: bool = False
+    rope_scaling: dict | None = None     # e.g. Llama 3.1's {"rope_type": "llama3", ...}
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int):
@@ -66,7 +67,8 @@ def make_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, seed: int
     vocab = len(tokenizer)
     head_dim = spec.hidden_size // spec.num_heads
     config = {
-        "architectures": ["LlamaForCausalLM" if spec.model_type == "llama" else "Qwen2ForCausalLM"],
+        "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                           "qwen2": "Qwen2ForCausalLM"}[spec.model_type]],
         "model_type": spec.model_type, "vocab_size": vocab, "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
         "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads, "head_dim": head_dim,
@@ -74,6 +76,10 @@ def make_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, seed: int
         "hidden_act": "silu", "tie_word_embeddings": spec.tie_word_embeddings, "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id, "torch_dtype": "float32", "attention_bias": False,
     }
+    if spec.rope_scaling:
+        config["rope_scaling"] = {**spec.rope_scaling, "rope_theta": config["rope_theta"]}
+    if spec.model_type == "mistral":
+        config["sliding_window"] = spec.max_position_embeddings
     g = torch.Generator().manual_seed(seed)
     h, inter, q, kv = spec.hidden_size, spec.intermediate_size, spec.num_heads * head_dim, spec.num_kv_heads * head_dim
 
