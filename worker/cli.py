@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-DEFAULT_HOME = Path(os.environ.get("OPENLORA_HOME", Path.home() / ".cache" / "openlora"))
+from db.session import openlora_home
+from worker.cli_adapters import add_subcommands as add_adapter_commands
+
+DEFAULT_HOME = openlora_home()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
 
+    add_adapter_commands(sub)
     args = parser.parse_args(argv)
+    if args.command == "adapters":
+        return args.run(args)
     from worker.errors import OpenLoRAError
     try:
         return {"demo": cmd_demo, "make-tiny": cmd_make_tiny, "generate": cmd_generate}[args.command](args)
