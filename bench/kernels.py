@@ -26,7 +26,8 @@ from kernels.lora_meta import LoRAMeta  # noqa: E402
 from kernels.lora_torch import lora_expand_ref, lora_shrink_ref  # noqa: E402
 from kernels.paged_attention import paged_attention  # noqa: E402
 from kernels.attention_torch import paged_attention_ref  # noqa: E402
-from kernels.sgmv import lora_expand, lora_shrink  # noqa: E402
+from kernels.sgmv import lora_apply, lora_expand, lora_shrink  # noqa: E402
+from kernels.sgmv_decode import MAX_TOKENS as MAX_DECODE_TOKENS  # noqa: E402
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -83,7 +84,7 @@ def sgmv_weights(family, rank):
     return a, b
 
 
-def sgmv_case(family, rank, a, b, tokens, distinct, copy_tbps, time_ref, variants):
+def sgmv_case(family, rank, a, b, tokens, distinct, copy_tbps, time_ref):
     in_f, widths = FAMILIES[family]
     n = len(widths)
     offs = tuple([0] + torch.tensor(widths).cumsum(0).tolist())
@@ -97,17 +98,21 @@ def sgmv_case(family, rank, a, b, tokens, distinct, copy_tbps, time_ref, variant
     h = torch.empty(n, tokens, rank, device=DEV)
     # correctness against the reference, once
     y_ref = lora_expand_ref(lora_shrink_ref(x, a, ranks.cpu(), meta), b, ranks.cpu(), scal.cpu(), offs, meta, y.clone())
-    y_out = lora_expand(lora_shrink(x, a, ranks, meta), b, ranks, scal, offs, meta, y.clone())
+    y_out = lora_apply(x, y.clone(), a, b, ranks, scal, offs, meta)
     err = rel_err(y_out - y, y_ref - y)
     weight_bytes = distinct * rank * (n * in_f + offs[-1]) * 2
     act_bytes = tokens * in_f * 2 + 2 * tokens * offs[-1] * 2 + 2 * n * tokens * rank * 4
     floor_us = (weight_bytes + act_bytes) / (copy_tbps * 1e12) * 1e6
+    # "openlora" is what the engine calls (lora_apply: the segment-major kernels up to MAX_DECODE_TOKENS);
+    # "openlora-blockwalk" the block-walking shrink + expand, where the two differ
+    runs = {"openlora": lambda: lora_apply(x, y, a, b, ranks, scal, offs, meta)}
+    if tokens <= MAX_DECODE_TOKENS:
+        runs["openlora-blockwalk"] = lambda: lora_expand(lora_shrink(x, a, ranks, meta, out=h), b, ranks, scal,
+                                                         offs, meta, y)
     rows = []
-    for name, kw_s, kw_e in variants:
-        run = graphed(lambda: lora_expand(lora_shrink(x, a, ranks, meta, out=h, **kw_s), b, ranks, scal, offs, meta,
-                                          y, **kw_e))
-        us = median_us(run)
-        rows.append(dict(system="openlora" if name == "default" else f"openlora-{name}", op="sgmv", family=family,
+    for name, fn in runs.items():
+        us = median_us(graphed(fn))
+        rows.append(dict(system=name, op="sgmv", family=family,
                          tokens=tokens, distinct=distinct, rank=rank, us=round(us, 2),
                          GBps=round((weight_bytes + act_bytes) / us / 1e3, 1), floor_us=round(floor_us, 2),
                          x_floor=round(us / floor_us, 2), rel_err=float(f"{err:.2e}"),
@@ -129,12 +134,10 @@ def bench_sgmv(copy_tbps):
                 for distinct in (1, 8, 32, 128):
                     if distinct > tokens:
                         continue
-                    variants = [("default", {}, {})]
-                    if rank == 16 and tokens in (32, 256):
-                        variants += [("st2", {"num_stages": 2}, {"num_stages": 2})]
                     time_ref = rank == 16 and tokens in (1, 32, 256)
-                    rows += sgmv_case(family, rank, a, b, tokens, distinct, copy_tbps, time_ref, variants)
-                    print(rows[-1] if not time_ref else rows[-2], flush=True)
+                    case = sgmv_case(family, rank, a, b, tokens, distinct, copy_tbps, time_ref)
+                    rows += case
+                    print(case[0], flush=True)
             del a, b
     return rows
 

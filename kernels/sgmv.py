@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 from kernels.lora_meta import LoRAMeta
+from kernels.sgmv_decode import MAX_TOKENS as MAX_DECODE_TOKENS
+from kernels.sgmv_decode import lora_apply_decode
 
 MAX_SLICES = 4
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -187,20 +189,13 @@ def _check_slot_tensors(ranks: torch.Tensor, num_slots: int, n_slices: int, devi
                              f"got {scalings.dtype} {tuple(scalings.shape)} on {scalings.device}")
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta: LoRAMeta,
-                out: torch.Tensor | None = None, *, split_k: int | None = None, num_stages: int = 3) -> torch.Tensor:
-    """h[i, t, :r] = x[t] @ lora_a[slot(t), i, :r].T  (fp32; r = ranks[slot(t), i]); returns h [n_slices, T, max_rank].
-
-    h is zeroed first, so entries past a token's rank and rows of tokens without
-    LoRA read 0. With no LoRA token in the step nothing is launched and h is
-    returned as is (``out``, or uninitialised memory).
-    """
+def _check_shrink_args(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor,
+                       meta: LoRAMeta) -> tuple[int, int, int, int]:
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be [T, in] with unit stride along in, got shape {tuple(x.shape)} strides {x.stride()}")
     if lora_a.dim() != 4 or not lora_a.is_contiguous():
         raise ValueError(f"lora_a must be contiguous [num_slots, n_slices, max_rank, in], got {tuple(lora_a.shape)}")
     num_slots, n_slices, max_rank, k = lora_a.shape
-    t = x.shape[0]
     if x.shape[1] != k:
         raise ValueError(f"x has {x.shape[1]} features, lora_a expects {k}")
     if x.dtype not in _DTYPES or lora_a.dtype != x.dtype:
@@ -210,7 +205,60 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta
     if n_slices > MAX_SLICES:
         raise ValueError(f"at most {MAX_SLICES} slices per launch, got {n_slices}")
     _check_slot_tensors(ranks, num_slots, n_slices, x.device)
-    _check_meta(meta, t, x.device)
+    _check_meta(meta, x.shape[0], x.device)
+    return num_slots, n_slices, max_rank, k
+
+
+def _check_expand_out(lora_b: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor,
+                      out_offsets: tuple[int, ...], meta: LoRAMeta, y: torch.Tensor, t: int) -> tuple[int, ...]:
+    if lora_b.dim() != 3 or not lora_b.is_contiguous():
+        raise ValueError(f"lora_b must be contiguous [num_slots, max_rank, out_total], got {tuple(lora_b.shape)}")
+    num_slots, max_rank, out_total = lora_b.shape
+    offs = tuple(int(o) for o in out_offsets)
+    n_slices = len(offs) - 1
+    if n_slices < 1 or n_slices > MAX_SLICES or offs[0] != 0 or offs[-1] != out_total \
+            or any(b <= a for a, b in zip(offs, offs[1:])):
+        raise ValueError(f"out_offsets must rise from 0 to {out_total} over 1..{MAX_SLICES} slices, got {offs}")
+    if y.dim() != 2 or tuple(y.shape) != (t, out_total) or y.stride(1) != 1:
+        raise ValueError(f"y must be [{t}, {out_total}] with unit column stride, got {tuple(y.shape)} {y.stride()}")
+    if y.dtype not in _DTYPES or lora_b.dtype != y.dtype:
+        raise ValueError(f"y and lora_b must share a dtype among {_DTYPES}, got {y.dtype} and {lora_b.dtype}")
+    if lora_b.device != y.device:
+        raise ValueError(f"lora_b and y must share a device, got {lora_b.device} and {y.device}")
+    _check_slot_tensors(ranks, num_slots, n_slices, y.device, scalings)
+    _check_meta(meta, t, y.device)
+    return offs
+
+
+def lora_apply(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: torch.Tensor,
+               scalings: torch.Tensor, out_offsets: tuple[int, ...], meta: LoRAMeta) -> torch.Tensor:
+    """y[t, o_i:o_{i+1}] += scalings[s, i] * (x[t] @ lora_a[s, i, :r].T) @ lora_b[s, :r, o_i:o_{i+1}], in place.
+
+    Shrink then expand. Steps of at most ``sgmv_decode.MAX_TOKENS`` tokens take the
+    segment-major decode kernels (no zeroed buffer, no atomics); larger ones the
+    block-walking kernels here.
+    """
+    t = x.shape[0]
+    if t > MAX_DECODE_TOKENS:
+        h = lora_shrink(x, lora_a, ranks, meta)
+        return lora_expand(h, lora_b, ranks, scalings, out_offsets, meta, y)
+    num_slots, n_slices, max_rank, _ = _check_shrink_args(x, lora_a, ranks, meta)
+    offs = _check_expand_out(lora_b, ranks, scalings, out_offsets, meta, y, t)
+    if lora_b.shape[:2] != (num_slots, max_rank) or len(offs) - 1 != n_slices:
+        raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} / {len(offs) - 1} slices disagree")
+    return lora_apply_decode(x, y, lora_a, lora_b, ranks, scalings, offs, meta)
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta: LoRAMeta,
+                out: torch.Tensor | None = None, *, split_k: int | None = None, num_stages: int = 3) -> torch.Tensor:
+    """h[i, t, :r] = x[t] @ lora_a[slot(t), i, :r].T  (fp32; r = ranks[slot(t), i]); returns h [n_slices, T, max_rank].
+
+    h is zeroed first, so entries past a token's rank and rows of tokens without
+    LoRA read 0. With no LoRA token in the step nothing is launched and h is
+    returned as is (``out``, or uninitialised memory).
+    """
+    num_slots, n_slices, max_rank, k = _check_shrink_args(x, lora_a, ranks, meta)
+    t = x.shape[0]
     if out is None:
         out = torch.empty((n_slices, t, max_rank), dtype=torch.float32, device=x.device)
     elif out.dtype != torch.float32 or tuple(out.shape) != (n_slices, t, max_rank) or not out.is_contiguous():
@@ -247,26 +295,16 @@ def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, ranks: torch.Tensor, scal
     Tokens without LoRA and slices of rank 0 are left untouched; h past the
     rank is never read. With no LoRA token in the step nothing is launched.
     """
-    if lora_b.dim() != 3 or not lora_b.is_contiguous():
-        raise ValueError(f"lora_b must be contiguous [num_slots, max_rank, out_total], got {tuple(lora_b.shape)}")
     num_slots, max_rank, out_total = lora_b.shape
-    offs = tuple(int(o) for o in out_offsets)
-    n_slices = len(offs) - 1
-    if n_slices < 1 or n_slices > MAX_SLICES or offs[0] != 0 or offs[-1] != out_total \
-            or any(b <= a for a, b in zip(offs, offs[1:])):
-        raise ValueError(f"out_offsets must rise from 0 to {out_total} over 1..{MAX_SLICES} slices, got {offs}")
-    if h.dim() != 3 or h.dtype != torch.float32 or not h.is_contiguous() or h.shape[0] != n_slices \
+    if h.dim() != 3 or h.dtype != torch.float32 or not h.is_contiguous() or h.shape[0] != len(out_offsets) - 1 \
             or h.shape[2] != max_rank:
-        raise ValueError(f"h must be contiguous float32 [{n_slices}, T, {max_rank}], got {h.dtype} {tuple(h.shape)}")
+        raise ValueError(f"h must be contiguous float32 [{len(out_offsets) - 1}, T, {max_rank}], "
+                         f"got {h.dtype} {tuple(h.shape)}")
+    if h.device != y.device:
+        raise ValueError(f"h is on {h.device}, y on {y.device}")
     t = h.shape[1]
-    if y.dim() != 2 or tuple(y.shape) != (t, out_total) or y.stride(1) != 1:
-        raise ValueError(f"y must be [{t}, {out_total}] with unit column stride, got {tuple(y.shape)} {y.stride()}")
-    if y.dtype not in _DTYPES or lora_b.dtype != y.dtype:
-        raise ValueError(f"y and lora_b must share a dtype among {_DTYPES}, got {y.dtype} and {lora_b.dtype}")
-    if lora_b.device != y.device or h.device != y.device:
-        raise ValueError(f"h, lora_b and y must share a device, got {h.device}, {lora_b.device}, {y.device}")
-    _check_slot_tensors(ranks, num_slots, n_slices, y.device, scalings)
-    _check_meta(meta, t, y.device)
+    offs = _check_expand_out(lora_b, ranks, scalings, out_offsets, meta, y, t)
+    n_slices = len(offs) - 1
     if meta.no_lora or t == 0:
         return y
     block_m = _block_m(t)

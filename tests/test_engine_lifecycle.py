@@ -57,3 +57,17 @@ def test_removing_and_replacing_adapters(tiny):
     assert after == engine.generate([[3, 4, 5]], "ad3", P)[0].token_ids != before
     engine.remove_adapter("ad2")
     assert "ad2" not in engine.adapters and "ad2" not in engine.slots.slot_of
+
+
+def test_ensemble_is_merged_once_and_follows_new_versions(tiny):
+    engine = make_engine(tiny, max_lora_rank=64)
+    members = [("ad0", 0.7), ("ad1", 0.3)]
+    name = engine.ensemble(members, "linear")
+    assert engine.ensemble(members, "linear") == name             # cached, not merged again
+    assert engine.adapters[name].rank == 8 + 4                    # linear = concatenated ranks
+    out = engine.generate([[4, 5, 6]], name, P)[0].token_ids
+    assert out != engine.generate([[4, 5, 6]], "ad0", P)[0].token_ids
+    assert engine.ensemble(members, "ties", density=0.5) != name
+    engine.add_adapter("ad1", tiny[1]["ad2"])                     # a new version of a member
+    assert name not in engine.adapters                            # its stale merge is dropped
+    assert engine.ensemble(members, "linear") != name

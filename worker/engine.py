@@ -15,6 +15,7 @@ from worker.cuda_graphs import DecodeGraphs
 from worker.errors import AdapterError, InvalidRequestError, PromptTooLongError, UnknownAdapterError
 from worker.kv_cache import KVCache
 from worker.lora.backend import make_lora_backend
+from worker.lora.merge import ensemble_key, merge_adapters
 from worker.lora.peft_format import LoRAAdapter, load_peft_adapter
 from worker.lora.slots import AdapterSlots
 from worker.model.config import ModelConfig
@@ -42,6 +43,8 @@ class Engine:
                    else load_weights(model_dir, mc, self.device, cfg.dtype, progress))
         self.tokenizer = _load_tokenizer(model_dir)
         self.adapters: dict[str, LoRAAdapter] = {}
+        self.versions: dict[str, int] = {}                # bumped when a name is loaded again
+        self._ensembles: dict[str, set[str]] = {}         # merged adapter -> its members
         self.slots = AdapterSlots(mc, cfg.max_loras, cfg.max_lora_rank, self.device, cfg.dtype,
                                   make_lora_backend(cfg.backend("lora_backend")))
         self.model = LlamaModel(mc, weights, make_ops(cfg.backend("attention_backend")), self.slots)
@@ -54,7 +57,9 @@ class Engine:
                                    -(-self.max_model_len // cfg.block_size), cfg.max_loras, self.device)
         self.graphs = None
         if cfg.cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(self.model, self.kv, self.buffers, min(cfg.max_num_seqs, 256))
+            # a decode step holds one token per sequence: its batch is bounded by both limits
+            self.graphs = DecodeGraphs(self.model, self.kv, self.buffers,
+                                       min(cfg.max_num_seqs, cfg.max_num_batched_tokens, 256))
             self.graphs.capture(progress)
         self.seqs: dict[str, Sequence] = {}
         self._aborted: list[RequestOutput] = []
@@ -71,12 +76,43 @@ class Engine:
         """Register an adapter already validated into memory (``load_peft_adapter``)."""
         if adapter.name in self.adapters:
             self.slots.evict(adapter.name)      # raises while running requests use the old version
+            self.versions[adapter.name] = self.versions.get(adapter.name, 1) + 1
+            self._drop_ensembles_of(adapter.name)
         if self.device.type == "cuda":
             for m in adapter.modules.values():
                 if m.a.device.type == "cpu":
                     m.a, m.b = m.a.pin_memory(), m.b.pin_memory()
         self.adapters[adapter.name] = adapter
         return adapter
+
+    def ensemble(self, members: list[tuple[str, float]], strategy: str = "linear", **params) -> str:
+        """The name of the merged adapter for a weighted set of loaded adapters, merged on first use.
+
+        Cached under (ids, versions, weights, strategy, params): a new version of a
+        member makes a new merge. ``params``: density, majority_sign_method, seed.
+        """
+        if not members:
+            raise InvalidRequestError("an ensemble needs at least one adapter")
+        ids = [m[0] for m in members]
+        weights = [float(m[1]) for m in members]
+        for i in ids:
+            if i not in self.adapters:
+                raise UnknownAdapterError(f"unknown adapter {i!r} in ensemble")
+        key = ensemble_key([(i, self.versions.get(i, 1)) for i in ids], weights, strategy, params)
+        name = f"ensemble:{key[:24]}"
+        if name not in self.adapters:
+            merged = merge_adapters([self.adapters[i] for i in ids], weights, strategy, name=name,
+                                    max_rank=self.config.max_lora_rank, **params)
+            self.add_lora(merged)
+            self._ensembles[name] = set(ids)
+        return name
+
+    def _drop_ensembles_of(self, member: str) -> None:
+        for name in [n for n, ids in self._ensembles.items() if member in ids]:
+            if not self.slots.in_use(name):
+                self.slots.evict(name)
+                self.adapters.pop(name, None)
+                del self._ensembles[name]
 
     def remove_adapter(self, name: str) -> None:
         if name not in self.adapters:
@@ -85,6 +121,7 @@ class Engine:
             raise AdapterError(f"adapter {name!r} has requests in flight")
         self.slots.evict(name)
         del self.adapters[name]
+        self._drop_ensembles_of(name)
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | list[int], adapter: str | None = None,

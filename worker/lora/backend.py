@@ -25,8 +25,7 @@ class TritonLoRABackend:
         self._sgmv = sgmv
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, fam, meta: LoRAMeta) -> None:
-        h = self._sgmv.lora_shrink(x, fam.lora_a, fam.ranks, meta)
-        self._sgmv.lora_expand(h, fam.lora_b, fam.ranks, fam.scalings, fam.out_offsets, meta, y)
+        self._sgmv.lora_apply(x, y, fam.lora_a, fam.lora_b, fam.ranks, fam.scalings, fam.out_offsets, meta)
 
 
 def make_lora_backend(kind: str):

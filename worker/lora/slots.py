@@ -46,18 +46,30 @@ class AdapterSlots:
             raise ValueError(f"max_loras must be >= 1, got {num_slots}")
         self.num_slots, self.max_rank = num_slots, max_rank
         self.backend = backend
+        shapes = family_shapes(cfg)
+        # ranks and scalings of every (layer, family) live in one flat buffer each, so loading an
+        # adapter updates them with one host->device copy; each family gets a contiguous view
+        per_layer = sum(num_slots * (len(offs) - 1) for _, offs in shapes.values())
+        self._ranks = torch.zeros(cfg.num_layers * per_layer, dtype=torch.int32, device=device)
+        self._scalings = torch.zeros(cfg.num_layers * per_layer, dtype=torch.float32, device=device)
+        pin = torch.device(device).type == "cuda"
+        self._ranks_cpu = torch.zeros(cfg.num_layers * per_layer, dtype=torch.int32, pin_memory=pin)
+        self._scalings_cpu = torch.zeros(cfg.num_layers * per_layer, dtype=torch.float32, pin_memory=pin)
         self.layers: list[dict[str, LoRAFamily]] = []
+        at = 0
         for _ in range(cfg.num_layers):
             fams = {}
-            for fam, (fan_in, offs) in family_shapes(cfg).items():
+            for fam, (fan_in, offs) in shapes.items():
                 n = len(offs) - 1
+                span = slice(at, at + num_slots * n)
+                at += num_slots * n
                 fams[fam] = LoRAFamily(
                     lora_a=torch.zeros(num_slots, n, max_rank, fan_in, device=device, dtype=dtype),
                     lora_b=torch.zeros(num_slots, max_rank, offs[-1], device=device, dtype=dtype),
-                    ranks=torch.zeros(num_slots, n, dtype=torch.int32, device=device),
-                    scalings=torch.zeros(num_slots, n, dtype=torch.float32, device=device),
-                    ranks_cpu=torch.zeros(num_slots, n, dtype=torch.int32),
-                    scalings_cpu=torch.zeros(num_slots, n, dtype=torch.float32),
+                    ranks=self._ranks[span].view(num_slots, n),
+                    scalings=self._scalings[span].view(num_slots, n),
+                    ranks_cpu=self._ranks_cpu[span].view(num_slots, n),
+                    scalings_cpu=self._scalings_cpu[span].view(num_slots, n),
                     out_offsets=offs)
             self.layers.append(fams)
         self.slot_of: OrderedDict[str, int] = OrderedDict()   # resident adapter -> slot, in LRU order
@@ -116,28 +128,33 @@ class AdapterSlots:
     def _clear(self, slot: int) -> None:
         for fams in self.layers:
             for f in fams.values():
-                f.ranks[slot] = 0
                 f.ranks_cpu[slot] = 0
-                f.scalings[slot] = 0.0
                 f.scalings_cpu[slot] = 0.0
+        self._sync_ranks()
 
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
-        self._clear(slot)
+        """Copy ``adapter`` into ``slot``. Rows past each module's rank are left as they are: no kernel reads them."""
+        dst, src = [], []
+        for fams in self.layers:
+            for f in fams.values():
+                f.ranks_cpu[slot] = 0
+                f.scalings_cpu[slot] = 0.0
         for (layer, module), m in adapter.modules.items():
             fam_name, i = MODULE_SLICES[module]
             f = self.layers[layer][fam_name]
             r = m.rank
             lo, hi = f.out_offsets[i], f.out_offsets[i + 1]
-            f.lora_a[slot, i, :r].copy_(m.a, non_blocking=True)
-            f.lora_a[slot, i, r:].zero_()
-            f.lora_b[slot, :r, lo:hi].copy_(m.b.T, non_blocking=True)
-            f.lora_b[slot, r:, lo:hi].zero_()
+            dst += [f.lora_a[slot, i, :r], f.lora_b[slot, :r, lo:hi]]
+            src += [m.a, m.b.T]
             f.ranks_cpu[slot, i] = r
             f.scalings_cpu[slot, i] = m.scaling
-        for fams in self.layers:
-            for f in fams.values():
-                f.ranks[slot].copy_(f.ranks_cpu[slot])
-                f.scalings[slot].copy_(f.scalings_cpu[slot])
+        for d, s_ in zip(dst, src):
+            d.copy_(s_, non_blocking=True)
+        self._sync_ranks()
+
+    def _sync_ranks(self) -> None:
+        self._ranks.copy_(self._ranks_cpu, non_blocking=True)
+        self._scalings.copy_(self._scalings_cpu, non_blocking=True)
 
     # -- compute ---------------------------------------------------------------------------
     def apply(self, x: torch.Tensor, y: torch.Tensor, layer: int, family: str, meta: LoRAMeta) -> None:

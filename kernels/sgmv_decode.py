@@ -1,0 +1,159 @@
+"""Grouped LoRA for decode-sized steps (few tokens, many adapters): one program per adapter segment.
+
+    y[t, o_i:o_{i+1}] += scalings[s, i] * (x[t] @ lora_a[s, i, :r].T) @ lora_b[s, :r, o_i:o_{i+1}]
+    for every token t with slot s = slot(t) >= 0 and slice i of rank r = ranks[s, i] > 0
+
+The general kernels (``sgmv.py``) cut the sorted tokens into blocks and loop over
+the segments inside a block, so with one token per adapter a program walks many
+adapters one after another. Here the grid is segment-major instead: shrink runs
+one program per (segment, slice, K split), expand one per (segment, column tile);
+each adapter's A and B are read once, by programs that run side by side.
+Shrink stores its K-split partial sums (no atomics, so no zeroed buffer and no
+extra launch); expand adds the partials as it loads them, which costs little
+while a step holds few tokens. Grids depend on static shapes only (tokens in x,
+slot capacity), so a decode step with these kernels can be captured in a graph.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.lora_meta import LoRAMeta
+
+MAX_TOKENS = 64          # above this, the block-walking kernels of sgmv.py take over
+MAX_SLICES = 4
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _segment(indptr_ptr, seg_slot_ptr, ranks_ptr, seg, sl, n_slices, max_rank):
+    start = tl.load(indptr_ptr + seg)
+    end = tl.load(indptr_ptr + seg + 1)
+    slot = tl.load(seg_slot_ptr + seg)
+    rank = tl.load(ranks_ptr + tl.maximum(slot, 0) * n_slices + sl)
+    rank = tl.where(slot >= 0, tl.minimum(rank, max_rank), 0)
+    return start, end, slot.to(tl.int64), rank
+
+
+@triton.jit
+def _shrink_seg_kernel(x_ptr, a_ptr, hp_ptr, ranks_ptr, sorted_ptr, indptr_ptr, seg_slot_ptr,
+                       K, stride_xt, stride_as, stride_ai, stride_ar, stride_hp, stride_hi, stride_ht,
+                       n_slices, max_rank, K_PER_PROG: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                       NATIVE: tl.constexpr, IEEE: tl.constexpr):
+    seg = tl.program_id(0)
+    sl = tl.program_id(1)
+    split = tl.program_id(2)
+    start, end, slot, rank = _segment(indptr_ptr, seg_slot_ptr, ranks_ptr, seg, sl, n_slices, max_rank)
+    if (end > start) & (rank > 0):
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_k = tl.arange(0, BLOCK_K)
+        r_ok = offs_r < rank
+        k_lo = split * K_PER_PROG
+        a_base = a_ptr + slot * stride_as + sl * stride_ai + offs_r[:, None] * stride_ar
+        for m0 in range(start, end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(k_lo, k_lo + K_PER_PROG, BLOCK_K):
+                kk = k0 + offs_k
+                k_ok = kk < K
+                xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                             other=0.0)
+                at = tl.load(a_base + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                if NATIVE:
+                    acc += tl.dot(xt, tl.trans(at))
+                elif IEEE:
+                    acc += tl.dot(xt.to(tl.float32), tl.trans(at.to(tl.float32)), input_precision="ieee")
+                else:
+                    acc += tl.dot(xt.to(tl.float32), tl.trans(at.to(tl.float32)))
+            tl.store(hp_ptr + split * stride_hp + sl * stride_hi + tok[:, None] * stride_ht + offs_r[None, :], acc,
+                     mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _expand_seg_kernel(hp_ptr, b_ptr, y_ptr, ranks_ptr, scal_ptr, sorted_ptr, indptr_ptr, seg_slot_ptr,
+                       stride_hp, stride_hi, stride_ht, stride_bs, stride_br, stride_yt, n_slices, max_rank,
+                       O1, O2, O3, O4, T1, T2, T3, SPLIT_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    seg = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # which slice this column tile belongs to: tiles of slice i start at T_i, its columns at O_i
+    sl = (pid_n >= T1).to(tl.int32) + (pid_n >= T2).to(tl.int32) + (pid_n >= T3).to(tl.int32)
+    col_lo = tl.where(sl == 0, 0, tl.where(sl == 1, O1, tl.where(sl == 2, O2, O3)))
+    col_hi = tl.where(sl == 0, O1, tl.where(sl == 1, O2, tl.where(sl == 2, O3, O4)))
+    tile0 = tl.where(sl == 0, 0, tl.where(sl == 1, T1, tl.where(sl == 2, T2, T3)))
+    start, end, slot, rank = _segment(indptr_ptr, seg_slot_ptr, ranks_ptr, seg, sl, n_slices, max_rank)
+    if (end > start) & (rank > 0):
+        cols = col_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < col_hi
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < rank
+        scale = tl.load(scal_ptr + slot * n_slices + sl)
+        bt = tl.load(b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + cols[None, :],
+                     mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        for m0 in range(start, end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            h_ptrs = hp_ptr + sl * stride_hi + tok[:, None] * stride_ht + offs_r[None, :]
+            h_mask = row_ok[:, None] & r_ok[None, :]
+            h = tl.load(h_ptrs, mask=h_mask, other=0.0)
+            for p in range(1, SPLIT_K):
+                h += tl.load(h_ptrs + p * stride_hp, mask=h_mask, other=0.0)
+            if IEEE:
+                acc = tl.dot(h, bt, input_precision="ieee")
+            else:
+                acc = tl.dot(h, bt)
+            y_ptrs = y_ptr + tok[:, None] * stride_yt + cols[None, :]
+            y_mask = row_ok[:, None] & col_ok[None, :]
+            y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def lora_apply_decode(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      ranks: torch.Tensor, scalings: torch.Tensor, out_offsets: tuple[int, ...], meta: LoRAMeta,
+                      *, split_k: int | None = None, block_n: int = 128) -> torch.Tensor:
+    """y += LoRA(x) for a step of at most MAX_TOKENS tokens (semantics above); in place, returns y.
+
+    Inputs are checked by the caller (``sgmv.lora_apply``).
+    """
+    t, k = x.shape
+    num_slots, n_slices, max_rank, _ = lora_a.shape
+    offs = tuple(int(o) for o in out_offsets)
+    if t > MAX_TOKENS:
+        raise ValueError(f"the decode path takes at most {MAX_TOKENS} tokens, got {t}")
+    if meta.no_lora or t == 0:
+        return y
+    num_seg = min(t, meta.seg_slot.numel())             # a step has at most one segment per token
+    block_r = max(16, triton.next_power_of_2(max_rank))
+    block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
+    if split_k is None:                                  # about 512 input features per program
+        split_k = max(1, triton.cdiv(k, 512))
+    k_per_prog = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_prog)
+    hp = torch.empty((split_k, n_slices, t, max_rank), dtype=torch.float32, device=x.device)
+    native = not _interpreting() and x.dtype != torch.float32
+    ieee = x.dtype == torch.float32
+    _shrink_seg_kernel[(num_seg, n_slices, split_k)](
+        x, lora_a, hp, ranks, meta.sorted_idx, meta.seg_indptr, meta.seg_slot,
+        k, x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        hp.stride(0), hp.stride(1), hp.stride(2), n_slices, max_rank,
+        K_PER_PROG=k_per_prog, BLOCK_M=16, BLOCK_R=block_r, BLOCK_K=block_k, NATIVE=native, IEEE=ieee,
+        num_warps=4, num_stages=3)
+    tiles = [triton.cdiv(b - a, block_n) for a, b in zip(offs, offs[1:])]
+    tile_starts = [sum(tiles[:i]) for i in range(1, n_slices)] + [1 << 30] * (MAX_SLICES - n_slices)
+    o = list(offs[1:]) + [offs[-1]] * (MAX_SLICES - n_slices)
+    _expand_seg_kernel[(num_seg, sum(tiles))](
+        hp, lora_b, y, ranks, scalings, meta.sorted_idx, meta.seg_indptr, meta.seg_slot,
+        hp.stride(0), hp.stride(1), hp.stride(2), lora_b.stride(0), lora_b.stride(1), y.stride(0),
+        n_slices, max_rank, o[0], o[1], o[2], o[3], tile_starts[0], tile_starts[1], tile_starts[2],
+        SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=ieee, num_warps=4)
+    return y
