@@ -58,7 +58,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     engine.step()
                     walls.append(time.perf_counter() - t0)
-                graph, _ = engine.graphs.graphs[(engine.graphs.bucket(batch), label != "base")]
+                graph, _ = engine.graphs.graphs[(engine.graphs.bucket(batch), "none" if label == "base" else "multi")]
                 gpu = []
                 for _ in range(args.steps):
                     ev0.record()

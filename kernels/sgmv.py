@@ -230,16 +230,23 @@ def _check_expand_out(lora_b: torch.Tensor, ranks: torch.Tensor, scalings: torch
     return offs
 
 
+def uses_decode_kernels(num_tokens: int, num_segments: int) -> bool:
+    return num_tokens <= MAX_DECODE_TOKENS and num_segments > 1
+
+
 def lora_apply(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: torch.Tensor,
                scalings: torch.Tensor, out_offsets: tuple[int, ...], meta: LoRAMeta) -> torch.Tensor:
     """y[t, o_i:o_{i+1}] += scalings[s, i] * (x[t] @ lora_a[s, i, :r].T) @ lora_b[s, :r, o_i:o_{i+1}], in place.
 
-    Shrink then expand. Steps of at most ``sgmv_decode.MAX_TOKENS`` tokens take the
-    segment-major decode kernels (no zeroed buffer, no atomics); larger ones the
-    block-walking kernels here.
+    Shrink then expand. Steps of at most ``sgmv_decode.MAX_TOKENS`` tokens with
+    several adapters take the segment-major decode kernels (no zeroed buffer, no
+    atomics); a single adapter or a larger step the block-walking kernels here,
+    which are faster there (bench/NOTES-kernels.md). The choice depends on the
+    host-side ``meta.num_segments``: a captured graph holds one path, so the
+    engine captures one graph per choice (worker/cuda_graphs.py).
     """
     t = x.shape[0]
-    if t > MAX_DECODE_TOKENS:
+    if not uses_decode_kernels(t, meta.num_segments):
         h = lora_shrink(x, lora_a, ranks, meta)
         return lora_expand(h, lora_b, ranks, scalings, out_offsets, meta, y)
     num_slots, n_slices, max_rank, _ = _check_shrink_args(x, lora_a, ranks, meta)

@@ -1,10 +1,11 @@
 """Decode steps replayed from captured CUDA graphs, one per bucketed batch size.
 
 A decode step launches a few hundred small kernels; replaying them as one
-graph removes the launch gaps. Each bucket is captured twice: with LoRA and
-without (the no-LoRA graph skips the SGMV kernels). A batch is padded up to
-its bucket: padded rows read and write only the KV cache's scratch block and
-carry no adapter, and their logits are dropped.
+graph removes the launch gaps. Each bucket is captured once per LoRA mode: no
+LoRA (no SGMV kernels), one adapter, several adapters (the SGMV wrapper picks
+different kernels for the last two, and a graph holds only what it captured).
+A batch is padded up to its bucket: padded rows read and write only the KV
+cache's scratch block and carry no adapter, and their logits are dropped.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ class DecodeGraphs:
         if not self.buckets or self.buckets[-1] < max_batch:
             self.buckets.append(max_batch)
         self.max_batch = self.buckets[-1]
-        self.variants = (False, True) if with_lora else (False,)
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.modes = ("none", "single", "multi") if with_lora else ("none",)
+        self.graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
 
     def bucket(self, n: int) -> int:
@@ -34,8 +35,11 @@ class DecodeGraphs:
     def capture(self, progress=None) -> None:
         pool = None
         for n in reversed(self.buckets):            # largest first, so smaller graphs fit in its pool
-            for lora in self.variants:
-                inputs = self._pad([0] * n, [0] * n, [[] for _ in range(n)], [1] * n, [0 if lora else -1] * n, n)
+            for mode in self.modes:
+                if mode == "multi" and n == 1:
+                    continue                        # one token cannot hold two adapters
+                slots = {"none": [-1] * n, "single": [0] * n, "multi": [i % 2 for i in range(n)]}[mode]
+                inputs = self._pad([0] * n, [0] * n, [[] for _ in range(n)], [1] * n, slots, n)
                 for _ in range(2):                  # compile and warm up outside the capture
                     self._run(inputs)
                 torch.cuda.synchronize()
@@ -43,9 +47,9 @@ class DecodeGraphs:
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self._run(inputs)
                 pool = graph.pool()
-                self.graphs[(n, lora)] = (graph, logits)
+                self.graphs[(n, mode)] = (graph, logits)
             if progress:
-                progress(len(self.graphs), len(self.buckets) * len(self.variants), f"batch {n}")
+                progress(len(self.graphs), len(self.buckets) * len(self.modes), f"batch {n}")
         torch.cuda.synchronize()
 
     def run(self, ids: list[int], positions: list[int], slot_mapping: list[int], block_tables: list[list[int]],
@@ -57,7 +61,8 @@ class DecodeGraphs:
         inputs = self._pad(ids + [0] * pad, positions + [0] * pad, block_tables + [[]] * pad,
                            context_lens + [1] * pad, token_slots + [-1] * pad, n,
                            slot_mapping + [KVCache.SCRATCH_BLOCK * self.kv.block_size] * pad)
-        graph, logits = self.graphs[(n, not inputs.lora.no_lora)]
+        segments = inputs.lora.num_segments
+        graph, logits = self.graphs[(n, "none" if segments == 0 else "single" if segments == 1 else "multi")]
         graph.replay()
         self.replays += 1
         return logits[:b]

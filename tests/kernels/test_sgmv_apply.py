@@ -86,3 +86,10 @@ def test_decode_llama_shapes_bf16(family, num_tokens, distinct, seed, rel_err):
     case = make_case(num_tokens, in_f, widths, ranks, max_rank=128, dtype=torch.bfloat16, p_none=0.1,
                      meta_slots=128)
     check_apply(case, torch.bfloat16, rel_err)
+
+
+def test_single_adapter_takes_the_block_walking_kernels(seed, rel_err):
+    from kernels.sgmv import uses_decode_kernels
+    case = make_case(20, 64, [48, 16], [[16, 8]], max_rank=16, dtype=torch.float32, p_none=0.2)
+    assert case[6].num_segments == 1 and not uses_decode_kernels(20, 1) and uses_decode_kernels(20, 2)
+    check_apply(case, torch.float32, rel_err)
