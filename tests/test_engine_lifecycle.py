@@ -64,7 +64,7 @@ def test_ensemble_is_merged_once_and_follows_new_versions(tiny):
     members = [("ad0", 0.7), ("ad1", 0.3)]
     name = engine.ensemble(members, "linear")
     assert engine.ensemble(members, "linear") == name             # cached, not merged again
-    assert engine.adapters[name].rank == 8 + 4                    # linear = concatenated ranks
+    assert engine.adapters.wait(name).rank == 8 + 4                  # linear = concatenated ranks
     out = engine.generate([[4, 5, 6]], name, P)[0].token_ids
     assert out != engine.generate([[4, 5, 6]], "ad0", P)[0].token_ids
     assert engine.ensemble(members, "ties", density=0.5) != name

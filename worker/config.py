@@ -25,6 +25,7 @@ class EngineConfig:
     lora_backend: str = "auto"          # torch | triton | auto (triton on CUDA)
     attention_backend: str = "auto"     # torch | triton | auto
     starvation_steps: int = 8
+    host_cache_bytes: int = 8 << 30     # adapters kept in host memory (LRU); the rest reload from disk
     cuda_graphs: bool = True            # replay decode steps from captured graphs (CUDA only)
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ sample, post-process (stop checks, detokenize, free what finished).
 """
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from worker.cuda_graphs import DecodeGraphs
 from worker.errors import AdapterError, InvalidRequestError, PromptTooLongError, UnknownAdapterError
 from worker.kv_cache import KVCache
 from worker.lora.backend import make_lora_backend
+from worker.lora.host_cache import HostCache
 from worker.lora.merge import ensemble_key, merge_adapters
 from worker.lora.peft_format import LoRAAdapter, load_peft_adapter
 from worker.lora.slots import AdapterSlots
@@ -42,9 +44,7 @@ class Engine:
         weights = (random_weights(mc, self.device, cfg.dtype) if random_init
                    else load_weights(model_dir, mc, self.device, cfg.dtype, progress))
         self.tokenizer = _load_tokenizer(model_dir)
-        self.adapters: dict[str, LoRAAdapter] = {}
-        self.versions: dict[str, int] = {}                # bumped when a name is loaded again
-        self._ensembles: dict[str, set[str]] = {}         # merged adapter -> its members
+        self.adapters = HostCache(self._load_adapter, cfg.host_cache_bytes, pin_memory=self.device.type == "cuda")
         self.slots = AdapterSlots(mc, cfg.max_loras, cfg.max_lora_rank, self.device, cfg.dtype,
                                   make_lora_backend(cfg.backend("lora_backend")))
         self.model = LlamaModel(mc, weights, make_ops(cfg.backend("attention_backend")), self.slots)
@@ -66,27 +66,43 @@ class Engine:
 
     # -- adapters ----------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str | Path) -> LoRAAdapter:
-        """Load and validate a PEFT adapter into host memory; replaces an idle adapter of the same name."""
-        if not isinstance(name, str) or not name:
-            raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
-        return self.add_lora(load_peft_adapter(name, path, self.model_config, self.config.max_lora_rank,
-                                               self.config.dtype))
+        """Load and validate a PEFT adapter now (errors raise here); replaces an idle adapter of the same name."""
+        _check_name(name)
+        return self._register(name, path, self._load_adapter(name, str(path)))
+
+    def register_adapter(self, name: str, path: str | Path) -> None:
+        """Make an adapter known without reading it: it loads in the background when a request first needs it;
+        if it then fails to load, the requests waiting for it finish with an error."""
+        _check_name(name)
+        self._register(name, path, None)
 
     def add_lora(self, adapter: LoRAAdapter) -> LoRAAdapter:
-        """Register an adapter already validated into memory (``load_peft_adapter``)."""
-        if adapter.name in self.adapters:
-            self.slots.evict(adapter.name)      # raises while running requests use the old version
-            self.versions[adapter.name] = self.versions.get(adapter.name, 1) + 1
-            self._drop_ensembles_of(adapter.name)
-        if self.device.type == "cuda":
+        """Register an adapter already validated into memory (``load_peft_adapter``, merges)."""
+        return self._register(adapter.name, None, adapter)
+
+    def pin_adapter(self, name: str, pinned: bool = True) -> None:
+        """Keep ``name`` in host memory and, once loaded, in its GPU slot (never evicted)."""
+        if name not in self.adapters:
+            raise UnknownAdapterError(f"adapter {name!r} is not registered")
+        self.adapters.pin(name, pinned)
+        (self.slots.pinned.add if pinned else self.slots.pinned.discard)(name)
+
+    def _register(self, name: str, path, adapter: LoRAAdapter | None) -> LoRAAdapter | None:
+        if name in self.adapters:
+            self.slots.evict(name)      # raises while running requests use the old version
+            self._drop_ensembles_of(name)
+        if adapter is not None and self.device.type == "cuda":
             for m in adapter.modules.values():
                 if m.a.device.type == "cpu":
                     m.a, m.b = m.a.pin_memory(), m.b.pin_memory()
-        self.adapters[adapter.name] = adapter
+        self.adapters.register(name, path, adapter)
         return adapter
 
+    def _load_adapter(self, name: str, path: str) -> LoRAAdapter:
+        return load_peft_adapter(name, path, self.model_config, self.config.max_lora_rank, self.config.dtype)
+
     def ensemble(self, members: list[tuple[str, float]], strategy: str = "linear", **params) -> str:
-        """The name of the merged adapter for a weighted set of loaded adapters, merged on first use.
+        """The name of the merged adapter for a weighted set of registered adapters, merged on first use.
 
         Cached under (ids, versions, weights, strategy, params): a new version of a
         member makes a new merge. ``params``: density, majority_sign_method, seed.
@@ -98,21 +114,20 @@ class Engine:
         for i in ids:
             if i not in self.adapters:
                 raise UnknownAdapterError(f"unknown adapter {i!r} in ensemble")
-        key = ensemble_key([(i, self.versions.get(i, 1)) for i in ids], weights, strategy, params)
+        key = ensemble_key([(i, self.adapters.version(i)) for i in ids], weights, strategy, params)
         name = f"ensemble:{key[:24]}"
         if name not in self.adapters:
-            merged = merge_adapters([self.adapters[i] for i in ids], weights, strategy, name=name,
+            merged = merge_adapters([self.adapters.wait(i) for i in ids], weights, strategy, name=name,
                                     max_rank=self.config.max_lora_rank, **params)
             self.add_lora(merged)
-            self._ensembles[name] = set(ids)
+            self.adapters.entry(name).members = set(ids)
         return name
 
     def _drop_ensembles_of(self, member: str) -> None:
-        for name in [n for n, ids in self._ensembles.items() if member in ids]:
+        for name in [n for n in self.adapters if member in self.adapters.entry(n).members]:
             if not self.slots.in_use(name):
                 self.slots.evict(name)
-                self.adapters.pop(name, None)
-                del self._ensembles[name]
+                self.adapters.remove(name)
 
     def remove_adapter(self, name: str) -> None:
         if name not in self.adapters:
@@ -120,7 +135,8 @@ class Engine:
         if any(s.adapter == name for s in self.seqs.values()):
             raise AdapterError(f"adapter {name!r} has requests in flight")
         self.slots.evict(name)
-        del self.adapters[name]
+        self.adapters.remove(name)
+        self.slots.pinned.discard(name)
         self._drop_ensembles_of(name)
 
     # -- requests ----------------------------------------------------------------------------
@@ -147,7 +163,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         outputs, self._aborted = self._aborted, []
         scheduled = self.scheduler.schedule()
+        outputs += self._report_failed_loads()
         if not scheduled:
+            if self.scheduler.waiting:
+                time.sleep(0.001)       # only loads are pending: do not spin
             return outputs
         logits, prompt_rows, sample_rows = self._run_model(scheduled)
         for sch, (lo, hi, first_target) in prompt_rows.items():
@@ -169,6 +188,13 @@ class Engine:
                     self.seqs.pop(seq.request_id, None)
                 outputs.append(out)
         return outputs
+
+    def _report_failed_loads(self) -> list[RequestOutput]:
+        failed, self.scheduler.failed = self.scheduler.failed, []
+        for seq in failed:
+            self.seqs.pop(seq.request_id, None)
+        return [RequestOutput(s.request_id, [], "", [], finished=True, finish_reason="error", error=s.error)
+                for s in failed]
 
     def generate(self, prompts: list[str | list[int]] | str, adapters: list[str | None] | str | None = None,
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[CompletionOutput]:
@@ -278,6 +304,11 @@ class Engine:
         if budget < per_block:
             raise MemoryError("no GPU memory left for the KV cache")
         return int(budget // per_block)
+
+
+def _check_name(name) -> None:
+    if not isinstance(name, str) or not name:
+        raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
 
 
 def _load_tokenizer(model_dir):

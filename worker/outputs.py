@@ -21,6 +21,8 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None      # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    prompt_tokens: int = 0                # on the final output: the usage to bill
+    completion_tokens: int = 0
 
 
 @dataclass

@@ -24,8 +24,11 @@ def process_sampled(seq: Sequence, token: int, lp: TokenLogprob | None, tokenize
     hold = 0 if finished or not p.stop else max(len(s) for s in p.stop) - 1
     end = max(seq.emitted, len(seq.text) - hold)
     delta, seq.emitted = seq.text[seq.emitted:end], end
-    return RequestOutput(seq.request_id, [token], delta, [lp] if lp is not None else [], finished=finished,
-                         finish_reason=seq.finish_reason)
+    out = RequestOutput(seq.request_id, [token], delta, [lp] if lp is not None else [], finished=finished,
+                        finish_reason=seq.finish_reason)
+    if finished:
+        out.prompt_tokens, out.completion_tokens = len(seq.prompt_ids), len(seq.output_ids)
+    return out
 
 
 def _cut_at_stop(seq: Sequence, before: int) -> bool:

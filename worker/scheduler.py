@@ -8,15 +8,19 @@ Each step, in order:
    to be recomputed later;
 2. waiting sequences, first come first served, each taking a prefill chunk,
    as long as the budget, the batch size, free blocks and LoRA slots allow.
-   A request whose adapter finds no free slot is passed over (others behind it
-   may go); once passed over ``starvation_steps`` times, nothing behind it is
-   admitted until it gets its slot, so busy adapters cannot starve it.
+   A request whose adapter is still loading (from disk to host, or into its
+   GPU slot) waits without holding back the others. A request whose adapter
+   finds no free slot is passed over too; once passed over ``starvation_steps``
+   times, nothing behind it is admitted until it gets its slot, so busy adapters
+   cannot starve it. A request whose adapter failed to load is failed, with
+   the loader's message, and handed back through ``failed``.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
 
+from worker.errors import AdapterError
 from worker.kv_cache import KVCache
 from worker.lora.slots import AdapterSlots
 from worker.sequence import Sequence, Status
@@ -34,17 +38,19 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCache, slots: AdapterSlots, adapters: dict, max_num_seqs: int,
+    def __init__(self, kv: KVCache, slots: AdapterSlots, adapters, max_num_seqs: int,
                  max_num_batched_tokens: int, starvation_steps: int = 8):
         self.kv = kv
         self.slots = slots
-        self.adapters = adapters            # name -> LoRAAdapter (host copies)
+        self.adapters = adapters            # HostCache: the host tier, loading from disk in the background
         self.max_num_seqs = max_num_seqs
         self.budget = max_num_batched_tokens
         self.starvation_steps = starvation_steps
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.failed: list[Sequence] = []    # requests whose adapter failed to load, for the engine to report
+        self._load_errors: dict[str, str] = {}
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -77,7 +83,14 @@ class Scheduler:
         passed_over: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.adapter is not None and not self.slots.can_acquire(seq.adapter):
+            state = "ready" if seq.adapter is None else self._adapter_state(seq.adapter)
+            if state == "failed":
+                self._fail_waiting(seq.adapter, passed_over)
+                continue
+            if state == "loading":
+                passed_over.append(self.waiting.popleft())
+                continue
+            if state == "no-slot":
                 seq.skipped += 1
                 if seq.skipped >= self.starvation_steps:
                     break                       # drain: nothing overtakes a starving request
@@ -88,13 +101,43 @@ class Scheduler:
                 break                           # out of KV blocks: wait for running sequences to finish
             self.waiting.popleft()
             if seq.adapter is not None:
-                seq.slot = self.slots.acquire(self.adapters[seq.adapter])
+                seq.slot = self.slots.acquire(seq.adapter)
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.append(ScheduledSeq(seq, n))
             budget -= n
         self.waiting.extendleft(reversed(passed_over))
         return budget
+
+    def _adapter_state(self, name: str) -> str:
+        """ready | loading | no-slot | failed; starts the loads that are due."""
+        if self.slots.ready(name):
+            return "ready"
+        if name in self.slots.slot_of:
+            return "loading"                    # copying into its slot
+        if not self.slots.can_start_load():
+            return "no-slot"                    # no slot could take it: do not read it from disk yet
+        try:
+            host = self.adapters.get(name)      # starts a background read from disk if needed
+        except AdapterError as e:
+            self._load_errors[name] = str(e)
+            return "failed"
+        if host is None:
+            return "loading"
+        if not self.slots.start_load(host):
+            return "no-slot"
+        return "ready" if self.slots.ready(name) else "loading"
+
+    def _fail_waiting(self, adapter: str, passed_over: list[Sequence]) -> None:
+        """Fail every waiting request for ``adapter``: its load failed."""
+        error = self._load_errors.pop(adapter)
+        for queue in (self.waiting, passed_over):
+            for seq in [s for s in queue if s.adapter == adapter]:
+                queue.remove(seq)
+                self._release(seq)
+                seq.status = Status.FINISHED
+                seq.finish_reason, seq.error = "error", error
+                self.failed.append(seq)
 
     def _reserve(self, seq: Sequence, n: int) -> bool:
         """Allocate the blocks ``seq`` needs for ``n`` more tokens; False if there are not enough free."""

@@ -72,31 +72,55 @@ class AdapterSlots:
                     scalings_cpu=self._scalings_cpu[span].view(num_slots, n),
                     out_offsets=offs)
             self.layers.append(fams)
+        self._copy_stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
+        self._pending: dict[str, tuple] = {}                 # adapter -> (copy-done event, its sources)
         self.slot_of: OrderedDict[str, int] = OrderedDict()   # resident adapter -> slot, in LRU order
         self.refs: dict[str, int] = {}
         self.pinned: set[str] = set()
         self.loads = 0
 
     # -- residency -------------------------------------------------------------------------
-    def can_acquire(self, name: str) -> bool:
-        return name in self.slot_of or len(self.slot_of) < self.num_slots or self._victim() is not None
+    # An adapter enters a slot in two steps: ``start_load`` copies it in (on CUDA on a side
+    # stream, so running steps do not wait for it) and ``ready`` says when the copy is done;
+    # then each running sequence takes a reference with ``acquire`` and drops it with ``release``.
 
-    def acquire(self, adapter: LoRAAdapter) -> int:
-        """Make ``adapter`` resident (loading it if needed) and take a reference; returns its slot."""
+    def can_start_load(self) -> bool:
+        return len(self.slot_of) < self.num_slots or self._victim() is not None
+
+    def start_load(self, adapter: LoRAAdapter) -> bool:
+        """Begin copying ``adapter`` into a slot (evicting an idle one); False if every slot is taken."""
         name = adapter.name
+        if name in self.slot_of:
+            return True
+        used = set(self.slot_of.values())
+        free = [s for s in range(self.num_slots) if s not in used]
+        if free:
+            slot = free[0]
+        else:
+            victim = self._victim()
+            if victim is None:
+                return False
+            slot = self.slot_of.pop(victim)
+        self._write(slot, adapter)
+        self.slot_of[name] = slot
+        self.loads += 1
+        return True
+
+    def ready(self, name: str) -> bool:
+        """Resident, with its copy finished."""
         if name not in self.slot_of:
-            used = set(self.slot_of.values())
-            free = [s for s in range(self.num_slots) if s not in used]
-            if free:
-                slot = free[0]
-            else:
-                victim = self._victim()
-                if victim is None:
-                    raise AdapterError(f"all {self.num_slots} LoRA slots are in use; {name!r} must wait")
-                slot = self.slot_of.pop(victim)
-            self._write(slot, adapter)
-            self.slot_of[name] = slot
-            self.loads += 1
+            return False
+        pending = self._pending.get(name)
+        if pending is not None:
+            if not pending[0].query():
+                return False
+            del self._pending[name]
+        return True
+
+    def acquire(self, name: str) -> int:
+        """Take a reference on a ready adapter; returns its slot."""
+        if not self.ready(name):
+            raise AdapterError(f"adapter {name!r} is not ready in a LoRA slot")
         self.slot_of.move_to_end(name)
         self.refs[name] = self.refs.get(name, 0) + 1
         return self.slot_of[name]
@@ -112,6 +136,8 @@ class AdapterSlots:
         """Drop a resident adapter (e.g. a new version replaced it); refuses while it is in use."""
         if self.refs.get(name):
             raise AdapterError(f"adapter {name!r} is in use by running requests")
+        if name in self._pending:
+            self._pending.pop(name)[0].synchronize()
         slot = self.slot_of.pop(name, None)
         if slot is not None:
             self._clear(slot)
@@ -120,8 +146,8 @@ class AdapterSlots:
         return bool(self.refs.get(name))
 
     def _victim(self) -> str | None:
-        for name in self.slot_of:               # oldest first
-            if not self.refs.get(name) and name not in self.pinned:
+        for name in self.slot_of:               # least recently used first
+            if not self.refs.get(name) and name not in self.pinned and name not in self._pending:
                 return name
         return None
 
@@ -148,9 +174,20 @@ class AdapterSlots:
             src += [m.a, m.b.T]
             f.ranks_cpu[slot, i] = r
             f.scalings_cpu[slot, i] = m.scaling
-        for d, s_ in zip(dst, src):
-            d.copy_(s_, non_blocking=True)
-        self._sync_ranks()
+        if self._copy_stream is None:
+            for d, s_ in zip(dst, src):
+                d.copy_(s_)
+            self._sync_ranks()
+            return
+        # the step that last used this slot has finished (each step ends in a host sync), so the
+        # copy may start at once; steps that follow use the slot only after `ready`
+        with torch.cuda.stream(self._copy_stream):
+            for d, s_ in zip(dst, src):
+                d.copy_(s_, non_blocking=True)
+            self._sync_ranks()
+            done = torch.cuda.Event()
+            done.record()
+        self._pending[adapter.name] = (done, src)          # keeps the host tensors alive until copied
 
     def _sync_ranks(self) -> None:
         self._ranks.copy_(self._ranks_cpu, non_blocking=True)
