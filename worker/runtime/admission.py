@@ -1,0 +1,76 @@
+"""Admission: whether a job the worker has pulled may run, and the engine request that runs it."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from worker.errors import AdapterError, InvalidRequestError
+from worker.runtime.adapter_dirs import AdapterDirectory
+from worker.runtime.config import RuntimeConfig
+from worker.runtime.engine_thread import EngineRequest
+from worker.runtime.job_state import RunningJob, sampling_params
+
+
+@dataclass
+class Refusal:
+    """The job ends without running: ``reason`` is its finish reason (error | cancelled | deadline)."""
+    reason: str
+    error: str | None = None
+    dead: bool = False                # also record it in the dead-letter stream
+
+
+def check(rj: RunningJob, cfg: RuntimeConfig, cancelled: bool) -> Refusal | None:
+    """The checks that need no adapter: attempts, cancel, deadline, features, parameters."""
+    job, n = rj.job, rj.delivery.deliveries
+    if n > cfg.max_attempts:
+        return Refusal("error", f"gave up after {n - 1} attempts: the workers running it died or were stopped",
+                       dead=True)
+    if cancelled or rj.stop_reason == "cancelled":
+        return Refusal("cancelled")
+    if job.deadline is not None and time.time() >= job.deadline:
+        return Refusal("deadline", "the deadline passed before the job started")
+    if job.is_ensemble:
+        return Refusal("error", "adapter ensembles (adapters + merge) are not supported by this worker yet; "
+                                "send a single adapter")
+    try:
+        sampling_params(job)
+    except InvalidRequestError as e:
+        return Refusal("error", str(e))
+    return None
+
+
+class AdapterLoader:
+    """Reads adapters the engine does not hold yet from the adapter directory, off the engine
+    thread (disk and validation); the engine thread only registers the result."""
+
+    def __init__(self, directory: AdapterDirectory, engine):
+        self.directory, self.engine = directory, engine
+        self._loads: dict[str, asyncio.Future] = {}
+
+    async def load(self, name: str):
+        path = self.directory.resolve(name)
+        if path is None:
+            raise AdapterError(f"unknown adapter {name!r}: not loaded on this worker and not in its adapter directory")
+        if name not in self._loads:
+            from worker.lora.peft_format import load_peft_adapter
+            e = self.engine
+            self._loads[name] = asyncio.get_running_loop().run_in_executor(
+                None, load_peft_adapter, name, path, e.model_config, e.config.max_lora_rank, e.config.dtype)
+        try:
+            return await asyncio.shield(self._loads[name])
+        except Exception:
+            self._loads.pop(name, None)     # a later job may try again
+            raise
+
+
+async def engine_request(rj: RunningJob, held: set[str], loader: AdapterLoader) -> EngineRequest | Refusal:
+    job = rj.job
+    lora = None
+    if job.adapter is not None and job.adapter not in held:
+        try:
+            lora = await loader.load(job.adapter)
+        except AdapterError as e:
+            return Refusal("error", str(e))
+    prompt = job.prompt if job.prompt is not None else list(job.input_ids)
+    return EngineRequest(rj.id, prompt, job.adapter, sampling_params(job), lora, echo=job.params.echo)
