@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import copy_bandwidth_TBps, table, write_result  # noqa: E402
 from bench.engine import LLAMA3_8B, MODULES, RANK  # noqa: E402
 from worker.engine import Engine, SamplingParams  # noqa: E402
+from worker.lora.peft_format import pin_packed  # noqa: E402
 
 
 def write_adapter(cfg, out: Path, seed: int) -> int:
@@ -84,9 +85,7 @@ def main() -> None:
         cold = drop_page_cache()
         for i in range(args.adapters):
             t0 = time.perf_counter()
-            adapter = engine._load_adapter(f"a{i}", str(paths[i]))
-            for m in adapter.modules.values():
-                m.a, m.b = m.a.pin_memory(), m.b.pin_memory()
+            adapter = pin_packed(engine._load_adapter(f"a{i}", str(paths[i])), arena=engine.adapters.arena)
             t1 = time.perf_counter()
             engine.add_lora(adapter)
             assert engine.slots.start_load(adapter)

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from tests.test_engine_vs_hf import make_engine
 from worker.engine import Engine, SamplingParams
@@ -118,3 +119,16 @@ def test_unknown_name_still_refused_at_once(tiny):
     engine = make_engine(tiny)
     with pytest.raises(KeyError):
         engine.add_request(None, [1, 2], "never-registered", P)
+
+
+def test_packed_host_copy_keeps_values_and_makes_slot_copies_contiguous(tiny):
+    from worker.lora.peft_format import pin_packed
+    engine = make_engine(tiny)
+    adapter = engine.adapters.wait("ad0")
+    before = {k: (m.a.clone(), m.b.clone()) for k, m in adapter.modules.items()}
+    pin_packed(adapter, pin=False)                    # the same packing as on CUDA, without page-locking
+    storages = {m.a.untyped_storage().data_ptr() for m in adapter.modules.values()}
+    assert len(storages) == 1                         # one buffer for the whole adapter
+    for k, m in adapter.modules.items():
+        assert m.a.is_contiguous() and m.b.T.is_contiguous()
+        assert torch.equal(m.a, before[k][0]) and torch.equal(m.b, before[k][1])

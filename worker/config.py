@@ -26,6 +26,7 @@ class EngineConfig:
     attention_backend: str = "auto"     # torch | triton | auto
     starvation_steps: int = 8
     host_cache_bytes: int = 8 << 30     # adapters kept in host memory (LRU); the rest reload from disk
+    pinned_host_bytes: int = 1 << 30    # of which page-locked once at start-up (CUDA), for stall-free loads
     cuda_graphs: bool = True            # replay decode steps from captured graphs (CUDA only)
 
     def __post_init__(self) -> None:

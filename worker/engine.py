@@ -18,7 +18,7 @@ from worker.kv_cache import KVCache
 from worker.lora.backend import make_lora_backend
 from worker.lora.host_cache import HostCache
 from worker.lora.merge import ensemble_key, merge_adapters
-from worker.lora.peft_format import LoRAAdapter, load_peft_adapter
+from worker.lora.peft_format import LoRAAdapter, load_peft_adapter, pin_packed
 from worker.lora.slots import AdapterSlots
 from worker.model.config import ModelConfig
 from worker.model.llama import LlamaModel
@@ -44,7 +44,8 @@ class Engine:
         weights = (random_weights(mc, self.device, cfg.dtype) if random_init
                    else load_weights(model_dir, mc, self.device, cfg.dtype, progress))
         self.tokenizer = _load_tokenizer(model_dir)
-        self.adapters = HostCache(self._load_adapter, cfg.host_cache_bytes, pin_memory=self.device.type == "cuda")
+        self.adapters = HostCache(self._load_adapter, cfg.host_cache_bytes, pin_memory=self.device.type == "cuda",
+                                  pinned_bytes=min(cfg.host_cache_bytes, cfg.pinned_host_bytes))
         self.slots = AdapterSlots(mc, cfg.max_loras, cfg.max_lora_rank, self.device, cfg.dtype,
                                   make_lora_backend(cfg.backend("lora_backend")))
         self.model = LlamaModel(mc, weights, make_ops(cfg.backend("attention_backend")), self.slots)
@@ -91,10 +92,9 @@ class Engine:
         if name in self.adapters:
             self.slots.evict(name)      # raises while running requests use the old version
             self._drop_ensembles_of(name)
-        if adapter is not None and self.device.type == "cuda":
-            for m in adapter.modules.values():
-                if m.a.device.type == "cpu":
-                    m.a, m.b = m.a.pin_memory(), m.b.pin_memory()
+        if adapter is not None and self.device.type == "cuda" and not all(
+                m.a.is_pinned() or m.a.device.type != "cpu" for m in adapter.modules.values()):
+            pin_packed(adapter, arena=self.adapters.arena)
         self.adapters.register(name, path, adapter)
         return adapter
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from worker.errors import AdapterError
-from worker.lora.peft_format import LoRAAdapter
+from worker.lora.peft_format import LoRAAdapter, pin_packed
+from worker.lora.pinned_arena import PinnedArena
 
 
 @dataclass
@@ -36,10 +37,11 @@ class Entry:
 
 class HostCache:
     def __init__(self, load: Callable[[str, str], LoRAAdapter], max_bytes: int, pin_memory: bool, workers: int = 2,
-                 max_inflight: int = 4):
+                 max_inflight: int = 4, pinned_bytes: int = 0):
         self._load = load                    # (name, path) -> validated LoRAAdapter; raises AdapterError
         self.max_bytes = max_bytes
         self.pin_memory = pin_memory
+        self.arena = PinnedArena(pinned_bytes) if pin_memory and pinned_bytes else None
         self._entries: OrderedDict[str, Entry] = OrderedDict()     # LRU order: oldest first
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
@@ -128,8 +130,7 @@ class HostCache:
         try:
             adapter = self._load(e.name, e.path)
             if self.pin_memory:
-                for m in adapter.modules.values():
-                    m.a, m.b = m.a.pin_memory(), m.b.pin_memory()
+                pin_packed(adapter, arena=self.arena)
         except Exception as exc:                          # reported to the requests that wait for it
             with self._lock:
                 e.loading, e.error = None, str(exc) if isinstance(exc, AdapterError) else f"adapter {e.name!r}: {exc!r}"

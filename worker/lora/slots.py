@@ -187,7 +187,7 @@ class AdapterSlots:
             self._sync_ranks()
             done = torch.cuda.Event()
             done.record()
-        self._pending[adapter.name] = (done, src)          # keeps the host tensors alive until copied
+        self._pending[adapter.name] = (done, adapter)      # keeps the host memory alive until copied
 
     def _sync_ranks(self) -> None:
         self._ranks.copy_(self._ranks_cpu, non_blocking=True)
