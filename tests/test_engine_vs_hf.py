@@ -88,7 +88,7 @@ def test_chunked_prefill_matches_peft(tiny, ref):
 def test_requests_arriving_mid_decode_match_peft(tiny, ref):
     prompts, adapters = workload(seed=4, n=9)
     engine = make_engine(tiny)
-    ids, outs = {}, {}
+    ids, outs, lps = {}, {}, {}
     for k in range(3):
         ids[engine.add_request(None, prompts[k], adapters[k], GREEDY)] = k
     step = 0
@@ -98,9 +98,12 @@ def test_requests_arriving_mid_decode_match_peft(tiny, ref):
                 ids[engine.add_request(None, prompts[k], adapters[k], GREEDY)] = k
         for o in engine.step():
             outs.setdefault(ids[o.request_id], []).extend(o.new_token_ids)
+            lps.setdefault(ids[o.request_id], []).extend(lp.logprob for lp in o.logprobs)
         step += 1
     for k in range(len(prompts)):
-        assert outs[k] == ref.greedy(prompts[k], adapters[k], N_NEW)[0]
+        tokens, ref_lps = ref.greedy(prompts[k], adapters[k], N_NEW)
+        assert outs[k] == tokens
+        assert max(abs(a - b) for a, b in zip(lps[k], ref_lps)) < 1e-4
 
 
 def test_lora_slots_bound_distinct_adapters_per_step(tiny, ref):

@@ -16,6 +16,7 @@ from worker.runtime.adapter_dirs import AdapterDirectory
 class RuntimeConfig:
     model_dir: str
     redis_url: str = "redis://localhost:6379/0"
+    database_url: str | None = None                      # the usage ledger goes there; None: not recorded
     fleet: str = "default"                      # Redis consumer group: workers of one fleet share jobs
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     device: str = "cpu"
@@ -70,6 +71,7 @@ class RuntimeConfig:
         e = env.get
         p.add_argument("--model-dir", default=e("OPENLORA_MODEL_DIR"), required=not e("OPENLORA_MODEL_DIR"))
         p.add_argument("--redis-url", default=e("REDIS_URL", cls.redis_url))
+        p.add_argument("--database-url", default=e("DATABASE_URL"), help="record token usage there")
         p.add_argument("--fleet", default=e("OPENLORA_FLEET", cls.fleet))
         p.add_argument("--worker-id", default=e("OPENLORA_WORKER_ID"))
         p.add_argument("--device", default=e("OPENLORA_DEVICE", cls.device))
@@ -95,7 +97,7 @@ class RuntimeConfig:
         except (ValueError, TypeError) as err:
             raise OpenLoRAError(f"bad worker configuration: {err}") from err
         extra = {"worker_id": a.worker_id} if a.worker_id else {}
-        return cls(model_dir=a.model_dir, redis_url=a.redis_url, fleet=a.fleet, device=a.device, dtype=a.dtype,
+        return cls(model_dir=a.model_dir, redis_url=a.redis_url, database_url=a.database_url, fleet=a.fleet, device=a.device, dtype=a.dtype,
                    max_num_seqs=a.max_num_seqs, max_loras=a.max_loras, engine_options=options, adapters=adapters,
                    preload=[x for x in a.preload.split(",") if x], num_shards=a.shards, shard_map=shard_map,
                    heartbeat_ttl_s=a.heartbeat_ttl, max_attempts=a.max_attempts, steal_after_s=a.steal_after,

@@ -18,6 +18,7 @@ from producer import keys
 from producer.cursor import text
 from producer.errors import JobValidationError
 from producer.protocol import JOB_ID_RE, Chunk, Job
+from worker.usage import UsageLedger
 from worker.runtime.admission import AdapterLoader, Refusal, check, engine_request
 from worker.runtime.config import RuntimeConfig
 from worker.runtime.engine_thread import EngineThread
@@ -39,6 +40,7 @@ class WorkerRuntime:
         self.completed = 0
         self._rr = 0
         self._tasks: set[asyncio.Task] = set()
+        self.usage = UsageLedger(cfg.database_url) if cfg.database_url else None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -84,6 +86,7 @@ class WorkerRuntime:
         for t in side:
             t.cancel()
         await self._writes.join()
+        await self._flush_usage()
         writer.cancel()
         upkeep.cancel()
         if abandoned:
@@ -274,6 +277,9 @@ class WorkerRuntime:
                 for d, res, _ in finished:
                     rj = self.jobs.get(res.id)
                     if rj is not None and rj.delivery.entry_id == d.entry_id:
+                        if self.usage is not None and (res.prompt_tokens or res.completion_tokens):
+                            self.usage.add(rj.job.tenant or "default", res.adapter, res.prompt_tokens,
+                                           res.completion_tokens)
                         self._forget(rj)
                 self._writes.task_done()
 
@@ -289,7 +295,15 @@ class WorkerRuntime:
                 log.exception("upkeep failed")
             await asyncio.sleep(period)
 
+    async def _flush_usage(self) -> None:
+        if self.usage is not None:
+            try:
+                await asyncio.to_thread(self.usage.flush)
+            except Exception:       # the counts stay pending for the next flush
+                log.exception("writing the usage ledger failed")
+
     async def _upkeep(self) -> None:
+        await self._flush_usage()
         live = [rj for rj in self.jobs.values() if not rj.abandoned]
         await self.queues.heartbeat({
             "worker": self.cfg.worker_id, "adapters": list(self.resident), "host_adapters": sorted(self.host),
