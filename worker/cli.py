@@ -21,6 +21,32 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--adapters", type=int, default=4)
     demo.add_argument("--max-tokens", type=int, default=24)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--offline", action="store_true",
+                      help="the engine in this process, no Redis/worker/API (the original demo)")
+
+    worker = sub.add_parser("worker", help="run one queue worker (the runtime without Celery)", add_help=False)
+    worker.add_argument("runtime_args", nargs=argparse.REMAINDER,
+                        help="the flags of `python -m worker.runtime` (see `openlora worker --help`)")
+
+    for name, what, port in (("api", "the HTTP API (OpenAI-compatible + native jobs)", 8000),
+                             ("relay", "the websocket relay (/v1/jobs/{id}/stream)", 8001)):
+        p = sub.add_parser(name, help=f"serve {what}; settings from REDIS_URL, OPENLORA_* env vars")
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=port)
+        p.add_argument("--redis-url", default=None, help="default: $REDIS_URL or redis://localhost:6379/0")
+        p.add_argument("--model-dir", default=None, help="base model dir (tokenizer, chat template, lengths)")
+        p.add_argument("--log-level", default="info")
+
+    submit = sub.add_parser("submit", help="submit one job and print its output (tokens as they come with --stream)")
+    submit.add_argument("prompt")
+    submit.add_argument("--adapter", default=None, help="adapter id (default: the base model)")
+    submit.add_argument("--stream", action="store_true")
+    submit.add_argument("--max-tokens", type=int, default=64)
+    submit.add_argument("--temperature", type=float, default=0.0)
+    submit.add_argument("--seed", type=int, default=None)
+    submit.add_argument("--id", default=None, help="job id (resubmitting an id returns the existing job)")
+    submit.add_argument("--redis-url", default=None)
+    submit.add_argument("--timeout", type=float, default=300)
 
     tiny = sub.add_parser("make-tiny", help="write a random tiny Llama, a tokenizer and random PEFT adapters")
     tiny.add_argument("dir", type=Path)
@@ -40,12 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
 
     add_adapter_commands(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["worker"]:        # its flags are the runtime's own: hand them over unparsed
+        argv = ["worker", "--", *argv[1:]] if len(argv) > 1 and argv[1] != "--" else argv
     args = parser.parse_args(argv)
+    if args.command == "worker" and args.runtime_args[:1] == ["--"]:
+        args.runtime_args = args.runtime_args[1:]
     if args.command == "adapters":
         return args.run(args)
     from worker.errors import OpenLoRAError
     try:
-        return {"demo": cmd_demo, "make-tiny": cmd_make_tiny, "generate": cmd_generate}[args.command](args)
+        return {"demo": cmd_demo, "make-tiny": cmd_make_tiny, "generate": cmd_generate, "worker": cmd_worker,
+                "api": cmd_serve, "relay": cmd_serve, "submit": cmd_submit}[args.command](args)
     except OpenLoRAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -77,7 +109,58 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    from worker.runtime import main as runtime_main
+    return runtime_main(args.runtime_args)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+    from producer.api import ApiSettings, SettingsError, create_app
+    from producer.relay import create_relay_app
+    from worker.errors import OpenLoRAError
+    try:
+        settings = ApiSettings.from_env(redis_url=args.redis_url, model_dir=args.model_dir)
+    except (SettingsError, ValueError) as e:
+        raise OpenLoRAError(f"bad {args.command} configuration: {e}") from e
+    app = (create_app if args.command == "api" else create_relay_app)(settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from producer import Client, ProducerError
+    client = Client(args.redis_url)
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.seed is not None:
+        params["seed"] = args.seed
+    try:
+        h = client.submit(**({"id": args.id} if args.id else {}), prompt=args.prompt, adapter=args.adapter,
+                          params=params)
+        print(f"job {h.id} on shard {h.shard}{'' if h.created else ' (already submitted)'}", file=sys.stderr)
+        if args.stream:
+            for chunk in h.stream(timeout=args.timeout):
+                print(chunk.text, end="", flush=True)
+            print()
+        res = h.wait(args.timeout)
+    except ProducerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    if not args.stream:
+        print(res.text)
+    print(f"[{res.status}: {res.finish_reason}, {res.completion_tokens} tokens, worker {res.worker}]"
+          + (f" {res.error}" if res.error else ""), file=sys.stderr)
+    return 0 if res.ok else 1
+
+
 def cmd_demo(args) -> int:
+    if not args.offline:
+        from worker.demo_fleet import run_demo
+        from worker.tiny import make_tiny_setup
+        model_dir, adapters = _tiny_setup(args.dir, args.adapters, make_tiny_setup)
+        return run_demo(Path(model_dir), adapters, args.max_tokens, args.seed)
     from worker.engine import Engine, SamplingParams
     from worker.tiny import make_tiny_setup
     model_dir, adapters = _tiny_setup(args.dir, args.adapters, make_tiny_setup)

@@ -1,0 +1,116 @@
+"""What the HTTP routes share: tenant checks, adapter checks, enqueueing, and reading jobs back.
+
+The API enqueues through ``AsyncClient`` and reads the replay stream; it never runs the engine.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+import redis.asyncio as aredis
+
+from producer import keys
+from producer.aio import AsyncClient
+from producer.api.auth import OPEN_TENANT, ApiKeys, AuthError, bearer
+from producer.api.errors import ApiError
+from producer.api.fleet_view import FleetView, adapter_dir_names
+from producer.api.metrics import ApiMetrics
+from producer.api.settings import ApiSettings
+from producer.api.tokens import BaseModelInfo
+from producer.errors import JobValidationError, QueueFullError
+from producer.protocol import Job
+
+log = logging.getLogger("openlora.api")
+
+
+class JobService:
+    def __init__(self, settings: ApiSettings):
+        self.settings = settings
+        self.redis = aredis.Redis.from_url(settings.redis_url)
+        self.client = AsyncClient(redis_client=self.redis, queue_limit=settings.queue_limit,
+                                  block_ms=settings.block_ms)
+        self.fleet = FleetView(self.redis, self.client.router, settings.fleet)
+        self.keys = ApiKeys(settings.api_keys)
+        self.info = BaseModelInfo(settings.model_dir)
+        self.metrics = ApiMetrics()
+        self.static_adapters = set(settings.adapters)
+        self.adapter_dirs = settings.adapter_dirs
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    # -- who is asking -------------------------------------------------------------------------
+    def tenant(self, authorization: str | None, api_key: str | None = None) -> str:
+        try:
+            return self.keys.tenant(bearer(authorization) or api_key)
+        except AuthError as e:
+            self.metrics.refused.labels("401").inc()
+            raise ApiError(401, str(e), None, "invalid_api_key") from e
+
+    async def check_owner(self, job_id: str, tenant: str) -> None:
+        """404 unless ``job_id`` was submitted by ``tenant`` (another tenant's job does not exist for you)."""
+        known, owner = await self.fleet.owner(job_id)
+        if not known or (owner or OPEN_TENANT) != tenant:
+            raise ApiError(404, f"job {job_id!r} not found", "id", "job_not_found")
+
+    # -- adapters --------------------------------------------------------------------------------
+    async def known_adapters(self) -> set[str]:
+        """Adapter ids from the API's config (list, adapter dirs) and the workers' heartbeats."""
+        return self.static_adapters | adapter_dir_names(self.adapter_dirs) | await self.fleet.worker_adapters()
+
+    async def adapter_for_model(self, model: str) -> str | None:
+        """``model`` -> adapter id (None = the base model). When the API is configured with the
+        adapters (OPENLORA_ADAPTERS / OPENLORA_ADAPTER_DIRS) an unknown one is a 404 here; without
+        that the workers decide (their adapter dirs may hold more) and their error comes back."""
+        if model == self.settings.base_model:
+            return None
+        await self.check_adapter(model, "model")
+        return model
+
+    async def check_adapter(self, adapter: str, param: str = "adapter") -> None:
+        if (self.static_adapters or self.adapter_dirs) and adapter not in await self.known_adapters():
+            self.metrics.refused.labels("404").inc()
+            raise ApiError(404, f"the model {adapter!r} does not exist: it is neither the base model "
+                                f"{self.settings.base_model!r} nor a known adapter", param, "model_not_found")
+
+    # -- submitting ------------------------------------------------------------------------------
+    def check_length(self, prompt: str | list[int]) -> int | None:
+        n = self.info.count(prompt)
+        limit = self.info.max_context
+        if n is not None and limit is not None and n >= limit:
+            self.metrics.refused.labels("400").inc()
+            raise ApiError(400, f"the prompt is {n} tokens; this model's context holds {limit} tokens",
+                           "prompt", "context_length_exceeded")
+        return n
+
+    async def submit(self, job: dict, tenant: str, endpoint: str):
+        job = {**job, "tenant": tenant}
+        try:
+            parsed = Job.parse(job)
+        except JobValidationError as e:
+            self.metrics.refused.labels("400").inc()
+            raise ApiError(400, str(e), e.field or None, "invalid_value") from e
+        known, owner = await self.fleet.owner(parsed.id)
+        if known and (owner or OPEN_TENANT) != tenant:
+            self.metrics.refused.labels("409").inc()
+            raise ApiError(409, f"job id {parsed.id!r} is already in use; choose another id", "id", "id_in_use")
+        try:
+            handle = await self.client.submit(parsed)
+        except QueueFullError as e:
+            self.metrics.refused.labels("429").inc()
+            raise ApiError(429, str(e), None, "queue_full") from e
+        if handle.created:
+            self.metrics.submitted.labels(endpoint).inc()
+        return handle
+
+    def status_of_worker_error(self, error: str | None) -> int:
+        e = (error or "").lower()
+        return 404 if "unknown adapter" in e or "not registered" in e else 400
+
+
+async def job_state(service: JobService, job_id: str) -> dict:
+    res = await service.client.result(job_id)
+    if res is not None:
+        return {"id": job_id, "status": res.status, "result": asdict(res)}
+    n = await service.redis.xlen(keys.replay(job_id))
+    return {"id": job_id, "status": "running" if n else "queued", "result": None}
