@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 
 from kernels.lora_meta import LoRAMeta
+from kernels.sgmv_tiles import MAX_SLICES, _column_tile, column_tiles
 from kernels.sgmv_decode import MAX_TOKENS as MAX_DECODE_TOKENS
 from kernels.sgmv_decode import lora_apply_decode
 
-MAX_SLICES = 4
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -126,13 +126,7 @@ def _expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, scal_ptr, sorted_ptr, indptr_
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # Which slice this column tile belongs to: tiles of slice i start at T_i, its columns at O_i.
-    sl = (pid_n >= T1).to(tl.int32) + (pid_n >= T2).to(tl.int32) + (pid_n >= T3).to(tl.int32)
-    col_lo = tl.where(sl == 0, 0, tl.where(sl == 1, O1, tl.where(sl == 2, O2, O3)))
-    col_hi = tl.where(sl == 0, O1, tl.where(sl == 1, O2, tl.where(sl == 2, O3, O4)))
-    tile0 = tl.where(sl == 0, 0, tl.where(sl == 1, T1, tl.where(sl == 2, T2, T3)))
-    cols = col_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < col_hi
+    sl, cols, col_ok = _column_tile(pid_n, O1, O2, O3, O4, T1, T2, T3, BLOCK_N)
     p0 = pid_m * BLOCK_M
     p_end, seg_lo, seg_hi = _block_segments(indptr_ptr, p0, BLOCK_M, NUM_SEG, SEG_P2)
     if p0 < p_end:
@@ -316,11 +310,9 @@ def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, ranks: torch.Tensor, scal
         return y
     block_m = _block_m(t)
     block_r = max(16, triton.next_power_of_2(max_rank))
-    tiles = [triton.cdiv(b - a, block_n) for a, b in zip(offs, offs[1:])]
-    tile_starts = [sum(tiles[:i]) for i in range(1, n_slices)] + [1 << 30] * (MAX_SLICES - n_slices)
-    o = list(offs[1:]) + [out_total] * (MAX_SLICES - n_slices)
+    o, tile_starts, num_tiles = column_tiles(offs, block_n)
     num_seg = meta.seg_slot.numel()
-    grid = (triton.cdiv(t, block_m), sum(tiles))
+    grid = (triton.cdiv(t, block_m), num_tiles)
     _expand_kernel[grid](
         h, lora_b, y, ranks, scalings, meta.sorted_idx, meta.seg_indptr, meta.seg_slot,
         h.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0), n_slices, max_rank,

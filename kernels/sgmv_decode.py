@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from kernels.lora_meta import LoRAMeta
+from kernels.sgmv_tiles import MAX_SLICES, _column_tile, column_tiles
 
 MAX_TOKENS = 64          # above this, the block-walking kernels of sgmv.py take over
-MAX_SLICES = 4
 
 
 def _interpreting() -> bool:
@@ -85,15 +85,9 @@ def _expand_seg_kernel(hp_ptr, b_ptr, y_ptr, ranks_ptr, scal_ptr, sorted_ptr, in
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     seg = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # which slice this column tile belongs to: tiles of slice i start at T_i, its columns at O_i
-    sl = (pid_n >= T1).to(tl.int32) + (pid_n >= T2).to(tl.int32) + (pid_n >= T3).to(tl.int32)
-    col_lo = tl.where(sl == 0, 0, tl.where(sl == 1, O1, tl.where(sl == 2, O2, O3)))
-    col_hi = tl.where(sl == 0, O1, tl.where(sl == 1, O2, tl.where(sl == 2, O3, O4)))
-    tile0 = tl.where(sl == 0, 0, tl.where(sl == 1, T1, tl.where(sl == 2, T2, T3)))
+    sl, cols, col_ok = _column_tile(pid_n, O1, O2, O3, O4, T1, T2, T3, BLOCK_N)
     start, end, slot, rank = _segment(indptr_ptr, seg_slot_ptr, ranks_ptr, seg, sl, n_slices, max_rank)
     if (end > start) & (rank > 0):
-        cols = col_lo + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < col_hi
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < rank
         scale = tl.load(scal_ptr + slot * n_slices + sl)
@@ -148,10 +142,8 @@ def lora_apply_decode(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lo
         hp.stride(0), hp.stride(1), hp.stride(2), n_slices, max_rank,
         K_PER_PROG=k_per_prog, BLOCK_M=16, BLOCK_R=block_r, BLOCK_K=block_k, NATIVE=native, IEEE=ieee,
         num_warps=4, num_stages=3)
-    tiles = [triton.cdiv(b - a, block_n) for a, b in zip(offs, offs[1:])]
-    tile_starts = [sum(tiles[:i]) for i in range(1, n_slices)] + [1 << 30] * (MAX_SLICES - n_slices)
-    o = list(offs[1:]) + [offs[-1]] * (MAX_SLICES - n_slices)
-    _expand_seg_kernel[(num_seg, sum(tiles))](
+    o, tile_starts, num_tiles = column_tiles(offs, block_n)
+    _expand_seg_kernel[(num_seg, num_tiles)](
         hp, lora_b, y, ranks, scalings, meta.sorted_idx, meta.seg_indptr, meta.seg_slot,
         hp.stride(0), hp.stride(1), hp.stride(2), lora_b.stride(0), lora_b.stride(1), y.stride(0),
         n_slices, max_rank, o[0], o[1], o[2], o[3], tile_starts[0], tile_starts[1], tile_starts[2],

@@ -29,6 +29,8 @@ def make_case(num_tokens, in_features, widths, ranks_by_slot, max_rank, dtype, p
     pick = torch.randint(0, len(slots_used), (num_tokens,)).tolist()
     none = (torch.rand(num_tokens) < p_none).tolist()
     token_slots = [-1 if nn else slots_used[p] for p, nn in zip(pick, none)]
+    if all(s < 0 for s in token_slots):     # keep one LoRA token: the no-LoRA step has its own test
+        token_slots[0] = slots_used[pick[0]]
     meta = LoRAMeta.allocate(num_tokens + 3, meta_slots or num_slots + 2, device).fill(token_slots)
     return x, a, b, ranks, scal, out_offsets, meta, token_slots
 
