@@ -29,6 +29,10 @@ def test_openlora_demo_runs_the_fleet_end_to_end(tmp_path):
     finals = [line for line in out.splitlines() if line.rstrip().endswith("[ok]")]
     assert len(finals) == 4 and "MISMATCH" not in out
     assert "POST /v1/completions model='ad0'" in out and "(12 tokens, finish_reason=length)" in out
+    # the worker's usage ledger in SQLite: 4 streamed jobs and the API request, every token counted once
+    ledger = [line.split() for line in out.split("usage ledger (SQLite)")[1].splitlines() if line.strip()[:2] == "20"]
+    assert {row[2]: (int(row[3]), int(row[5])) for row in ledger} == {
+        "base": (1, 12), "ad0": (2, 24), "ad1": (1, 12), "ad2": (1, 12)}
     assert out.rstrip().splitlines()[-1].startswith("all services stopped")
     assert "Traceback" not in r.stderr
 

@@ -69,13 +69,14 @@ class Services:
         raise OpenLoRAError("redis-server did not start")
 
     def worker(self, redis_url: str, model_dir: Path, adapters_root: Path, preload: list[str],
-               threads: int) -> subprocess.Popen:
+               threads: int, database_url: str) -> subprocess.Popen:
         log = open(self.workdir / "worker.log", "w")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         proc = subprocess.Popen([sys.executable, "-m", "worker.runtime", "--model-dir", str(model_dir),
                                  "--redis-url", redis_url, "--adapter-dirs", str(adapters_root), "--worker-id", "demo",
                                  "--max-num-seqs", "8", "--torch-threads", str(threads), "--heartbeat-ttl", "3",
-                                 "--grace", "5", "--preload", ",".join(preload)], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                 "--grace", "5", "--preload", ",".join(preload), "--database-url", database_url],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
 
         def stop():
             if proc.poll() is None:
@@ -118,7 +119,10 @@ def run_demo(model_dir: Path, adapters: dict[str, Path], max_tokens: int, seed: 
         redis_url = services.redis()
         print(f"redis-server     {redis_url}")
         root = Path(next(iter(adapters.values()))).parent
-        worker = services.worker(redis_url, model_dir, root, list(adapters), threads=max(1, min(4, (os.cpu_count() or 2) - 1)))
+        database_url = f"sqlite:///{workdir / 'openlora.db'}"
+        print(f"database         {database_url}   (the worker's usage ledger)")
+        worker = services.worker(redis_url, model_dir, root, list(adapters),
+                                 threads=max(1, min(4, (os.cpu_count() or 2) - 1)), database_url=database_url)
         settings = ApiSettings(redis_url=redis_url, model_dir=str(model_dir), model_name="tiny-base",
                                adapter_dirs=str(root), block_ms=100)
         api, relay = services.serve(create_app(settings)), services.serve(create_relay_app(settings))
@@ -141,10 +145,28 @@ def run_demo(model_dir: Path, adapters: dict[str, Path], max_tokens: int, seed: 
         _openai_request(api, names[1] or "tiny-base", max_tokens)
         client.close()
     finally:
-        services.close()
+        services.close()                     # the worker flushes its usage ledger as it stops
+        _show_usage(workdir / "openlora.db")
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nall services stopped; the demo took {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _show_usage(path: Path) -> None:
+    if not path.exists():
+        return
+    import db
+    from db.usage import UsageDaily
+    from sqlmodel import Session, select
+    engine = db.make_engine(f"sqlite:///{path}")
+    with Session(engine) as s:
+        rows = s.exec(select(UsageDaily).order_by(UsageDaily.adapter_id)).all()
+        print("\nusage ledger (SQLite), per day, tenant and adapter:")
+        print(f"  {'day':<10}  {'tenant':<8}  {'adapter':<8}  {'requests':>8}  {'prompt':>6}  {'generated':>9}")
+        for u in rows:
+            print(f"  {u.day.isoformat():<10}  {u.tenant:<8}  {u.adapter_id or 'base':<8}  {u.requests:>8}  "
+                  f"{u.prompt_tokens:>6}  {u.generated_tokens:>9}")
+    engine.dispose()
 
 
 def _wait_for_worker(client, worker: subprocess.Popen, workdir: Path, timeout: float = 60) -> None:
