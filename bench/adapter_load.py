@@ -5,19 +5,24 @@ adapters (~84 MB each, PEFT files on local disk), and decode step time while loa
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    # `python bench/X.py` puts bench/ first on the path, where queue.py would shadow the standard
+    # library's queue module for every import below: put the repository root there instead
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import copy_bandwidth_TBps, table, write_result  # noqa: E402
 from bench.engine import LLAMA3_8B, MODULES, RANK  # noqa: E402

@@ -13,19 +13,24 @@ bandwidth measured in the same run).
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    # `python bench/X.py` puts bench/ first on the path, where queue.py would shadow the standard
+    # library's queue module for every import below: put the repository root there instead
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import gc
 import json
 import math
 import random
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import copy_bandwidth_TBps, table, write_result  # noqa: E402
 from worker.engine import Engine, SamplingParams  # noqa: E402

@@ -10,13 +10,19 @@ bytes the op must move, over the measured device-to-device copy bandwidth.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    # `python bench/X.py` puts bench/ first on the path, where queue.py would shadow the standard
+    # library's queue module for every import below: put the repository root there instead
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import datetime
 import json
 import os
 import subprocess
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402

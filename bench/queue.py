@@ -1,8 +1,7 @@
 """Job-queue overhead on the CPU: what Redis, the client and the worker runtime cost per job,
-measured with an engine that does no compute. (Not ``bench/queue.py``: scripts run from this
-folder would import it instead of the standard library's ``queue``.)
+measured with an engine that does no compute.
 
-    python bench/job_queue.py [--jobs 2000] [--tokens 4] [--latency-jobs 300] [--redis-url URL] [--out bench/results]
+    python bench/queue.py [--jobs 2000] [--tokens 4] [--latency-jobs 300] [--redis-url URL] [--out bench/results]
 
 Starts a redis-server on a free port (unless --redis-url) and one worker process
 (`WorkerRuntime` around `InstantEngine`, which emits one token per request per
@@ -14,6 +13,14 @@ step at once). Rows:
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    # `python bench/X.py` puts bench/ first on the path, where queue.py would shadow the standard
+    # library's queue module for every import below: put the repository root there instead
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import asyncio
 import datetime as dt
@@ -23,12 +30,9 @@ import platform
 import shutil
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer import AsyncClient, Client  # noqa: E402
 from worker.errors import UnknownAdapterError  # noqa: E402
