@@ -132,3 +132,11 @@ def test_packed_host_copy_keeps_values_and_makes_slot_copies_contiguous(tiny):
     for k, m in adapter.modules.items():
         assert m.a.is_contiguous() and m.b.T.is_contiguous()
         assert torch.equal(m.a, before[k][0]) and torch.equal(m.b, before[k][1])
+
+
+def test_wait_loads_even_when_the_background_loads_are_all_taken(tiny):
+    engine = make_engine(tiny)
+    engine.adapters.max_inflight = 0                 # every background slot busy: get() starts nothing
+    engine.register_adapter("late", tiny[1]["ad1"])
+    assert engine.adapters.get("late") is None and engine.adapters.entry("late").loading is None
+    assert engine.adapters.wait("late").rank == 4

@@ -116,7 +116,12 @@ class HostCache:
     def wait(self, name: str, timeout: float | None = None) -> LoRAAdapter:
         """Load ``name`` now (blocking); for callers that want the adapter before anything runs."""
         if self.get(name) is None:
-            self._entries[name].loading.result(timeout)
+            e = self._entries[name]
+            loading = e.loading
+            if loading is None:         # no load started: max_inflight loads are awaited already
+                self._background_load(e)
+            else:
+                loading.result(timeout)
         adapter = self.get(name)
         if adapter is None:
             raise AdapterError(f"adapter {name!r} did not load")
