@@ -157,6 +157,12 @@ class Engine:
         self._aborted.append(RequestOutput(request_id, [], "", [], finished=True, finish_reason="abort"))
         return True
 
+    def cache_stats(self) -> dict[str, int]:
+        """Counters of the adapter cache: requests admitted with an adapter, loads into GPU slots, and the
+        host tier's hits, misses (reads from disk) and completed loads."""
+        return {"admissions": self.slots.acquires, "gpu_loads": self.slots.loads, "host_hits": self.adapters.hits,
+                "host_misses": self.adapters.misses, "host_loads": self.adapters.loads}
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

@@ -68,7 +68,13 @@ async def metrics(request: Request):
     try:
         for shard, n in (await service.fleet.queue_lengths()).items():
             m.queue_depth.labels(shard).set(n)
-        m.workers.set(len(await service.fleet.workers()))
+        workers = await service.fleet.workers()
+        m.workers.set(len(workers))
+        m.adapter_cache.clear()                 # workers that left drop out
+        for w in workers:
+            for field, value in w.items():
+                if field.startswith("cache_"):
+                    m.adapter_cache.labels(w.get("worker", "?"), field.removeprefix("cache_")).set(float(value))
     except RedisError:
         pass    # the counters still render; healthz reports Redis
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

@@ -21,6 +21,9 @@ class ApiMetrics:
         self.queue_depth = Gauge("openlora_queue_depth", "Entries in each shard's job stream (queued + running)",
                                  ["shard"], registry=r)
         self.workers = Gauge("openlora_workers_alive", "Workers with a live heartbeat", registry=r)
+        self.adapter_cache = Gauge("openlora_adapter_cache", "Each live worker's adapter-cache counters since it "
+                                   "started: admissions (requests that took a GPU slot), gpu_loads, host_hits, "
+                                   "host_misses (reads from disk), host_loads", ["worker", "counter"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -105,6 +105,9 @@ def test_healthz_and_metrics(api, oai):
     depth = {s.labels["shard"]: s.value for s in fams["openlora_queue_depth"].samples}
     assert set(depth) >= {"base", "g0"} and all(v >= 0 for v in depth.values())
     assert fams["openlora_workers_alive"].samples[0].value == 1
+    cache = {s.labels["counter"]: s.value for s in fams["openlora_adapter_cache"].samples}
+    assert set(cache) == {"admissions", "gpu_loads", "host_hits", "host_misses", "host_loads"}
+    assert cache["admissions"] >= 1 and cache["gpu_loads"] >= 1
     submitted = sum(s.value for s in fams["openlora_jobs_submitted"].samples if s.name.endswith("_total"))
     assert submitted >= 5
     assert any(s.name == "openlora_ttft_seconds_count" and s.value >= 1 for s in fams["openlora_ttft_seconds"].samples)

@@ -77,7 +77,8 @@ class AdapterSlots:
         self.slot_of: OrderedDict[str, int] = OrderedDict()   # resident adapter -> slot, in LRU order
         self.refs: dict[str, int] = {}
         self.pinned: set[str] = set()
-        self.loads = 0
+        self.loads = 0                       # adapters copied into a slot
+        self.acquires = 0                    # requests that took a slot (a load or a hit)
 
     # -- residency -------------------------------------------------------------------------
     # An adapter enters a slot in two steps: ``start_load`` copies it in (on CUDA on a side
@@ -123,6 +124,7 @@ class AdapterSlots:
             raise AdapterError(f"adapter {name!r} is not ready in a LoRA slot")
         self.slot_of.move_to_end(name)
         self.refs[name] = self.refs.get(name, 0) + 1
+        self.acquires += 1
         return self.slot_of[name]
 
     def release(self, name: str) -> None:

@@ -7,7 +7,8 @@ event loop with ``call_soon_threadsafe`` (one call per step).
 Events (tuples): ``("accepted", rid, prompt_tokens, echo_text)``,
 ``("rejected", rid, message)``, ``("outputs", [RequestOutput, ...])``,
 ``("prompt_logprobs", rid, [TokenLogprob | None, ...])``,
-``("residency", resident_adapters, host_adapters)``, ``("crashed", message)``.
+``("residency", resident_adapters, host_adapters)``, ``("cache", engine.cache_stats())``,
+``("crashed", message)``.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name="openlora-engine", daemon=True)
         self._scoring: dict[str, Any] = {}          # rid -> Sequence, for prompt logprobs (mode=score)
         self._residency: tuple = ()
+        self._cache_stats: dict = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -75,6 +77,10 @@ class EngineThread:
                 if residency != self._residency:
                     self._residency = residency
                     events.append(("residency", *residency))
+                stats = engine.cache_stats()
+                if stats != self._cache_stats:
+                    self._cache_stats = stats
+                    events.append(("cache", stats))
                 if events:
                     self._loop.call_soon_threadsafe(self._on_events, events)
         except Exception as e:   # a bug or a device error: the runtime leaves its jobs for reclaim and exits

@@ -41,6 +41,7 @@ class WorkerRuntime:
         self._rr = 0
         self._tasks: set[asyncio.Task] = set()
         self.usage = UsageLedger(cfg.database_url) if cfg.database_url else None
+        self.cache_stats: dict[str, int] = {}       # the engine's adapter-cache counters, for the heartbeat
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -243,6 +244,8 @@ class WorkerRuntime:
                     finished.append((rj.delivery, res, chunk))
             elif kind == "residency":
                 self.resident, self.host = ev[1], set(ev[2])
+            elif kind == "cache":
+                self.cache_stats = ev[1]
             elif kind == "crashed":
                 self.exit_code = 1
                 self.request_stop()
@@ -308,7 +311,8 @@ class WorkerRuntime:
         await self.queues.heartbeat({
             "worker": self.cfg.worker_id, "adapters": list(self.resident), "host_adapters": sorted(self.host),
             "shards": self.own_shards(), "inflight": len(live), "capacity": self.cfg.max_num_seqs,
-            "completed": self.completed, "stopping": int(self.stopping), "at": round(time.time(), 3)})
+            "completed": self.completed, "stopping": int(self.stopping), "at": round(time.time(), 3),
+            **{f"cache_{k}": v for k, v in self.cache_stats.items()}})
         by_shard: dict[str, list[str]] = {}
         for rj in live:
             by_shard.setdefault(rj.delivery.shard, []).append(rj.delivery.entry_id)
