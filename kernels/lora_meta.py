@@ -44,7 +44,6 @@ class LoRAMeta:
     seg_slot: torch.Tensor      # [max_slots] int32, slot of segment i (-1 for unused segments)
     num_tokens: int = 0         # tokens in this step (host side)
     num_segments: int = 0       # active segments (host side)
-    max_seg_len: int = 0        # longest segment (host side; sizes a launch grid)
     staged: dict[str, StagedBuffer] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -83,7 +82,6 @@ class LoRAMeta:
             slots.append(s)
         self.num_tokens = n
         self.num_segments = len(slots)
-        self.max_seg_len = max((len(v) for v in by_slot.values()), default=0)
         if self.num_segments == 0:
             # A captured graph that still holds LoRA launches must see an empty step.
             self.seg_indptr[-1:].zero_()

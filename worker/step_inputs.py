@@ -34,7 +34,6 @@ class StepBuffers:
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, max_loras: int,
                  device: torch.device):
-        self.device = device
         self.width = max_blocks_per_seq
         self.input_ids = StagedBuffer(max_tokens, torch.int64, device)
         self.positions = StagedBuffer(max_tokens, torch.int64, device)

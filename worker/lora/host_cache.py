@@ -73,9 +73,6 @@ class HostCache:
     def __iter__(self):
         return iter(list(self._entries))
 
-    def names(self) -> list[str]:
-        return list(self._entries)
-
     def entry(self, name: str) -> Entry:
         return self._entries[name]
 
