@@ -25,6 +25,7 @@ class EngineConfig:
     lora_backend: str = "auto"          # torch | triton | auto (triton on CUDA)
     attention_backend: str = "auto"     # torch | triton | auto
     starvation_steps: int = 8
+    low_priority_tokens: int = 512      # prefill tokens a step for requests below priority 0 (batch scoring)
     host_cache_bytes: int = 8 << 30     # adapters kept in host memory (LRU); the rest reload from disk
     pinned_host_bytes: int = 1 << 30    # of which page-locked once at start-up (CUDA), for stall-free loads
     cuda_graphs: bool = True            # replay decode steps from captured graphs (CUDA only)
@@ -35,7 +36,7 @@ class EngineConfig:
                 raise OpenLoRAError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
             self.dtype = DTYPES[self.dtype]
         for name in ("max_loras", "max_lora_rank", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                     "starvation_steps"):
+                     "starvation_steps", "low_priority_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise OpenLoRAError(f"{name} must be a positive integer, got {value!r}")

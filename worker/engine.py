@@ -29,6 +29,7 @@ from worker.postprocess import finish_output, process_sampled
 from worker.sampler import prompt_logprobs, sample
 from worker.sampling_params import SamplingParams
 from worker.scheduler import ScheduledSeq, Scheduler
+from worker.scoring import LoglikScore, encode_pair, loglik, score_params
 from worker.sequence import Sequence
 from worker.step_inputs import StepBuffers
 
@@ -53,7 +54,7 @@ class Engine:
         self.kv = KVCache(mc, num_blocks, cfg.block_size, self.device, cfg.dtype)
         self.max_model_len = min(cfg.max_model_len or mc.max_context, mc.max_context, num_blocks * cfg.block_size)
         self.scheduler = Scheduler(self.kv, self.slots, self.adapters, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   cfg.starvation_steps)
+                                   cfg.starvation_steps, cfg.low_priority_tokens)
         self.buffers = StepBuffers(cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                    -(-self.max_model_len // cfg.block_size), cfg.max_loras, self.device)
         self.graphs = None
@@ -141,9 +142,10 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: str | list[int], adapter: str | None = None,
-                    params: SamplingParams | None = None) -> str:
-        """Validate and queue one request; raises InvalidRequestError (and subclasses) for bad input."""
-        seq = self._make_sequence(request_id, prompt, adapter, params or SamplingParams())
+                    params: SamplingParams | None = None, priority: int = 0) -> str:
+        """Validate and queue one request; raises InvalidRequestError (and subclasses) for bad input.
+        Requests of higher ``priority`` are admitted first (batch scoring runs below 0)."""
+        seq = self._make_sequence(request_id, prompt, adapter, params or SamplingParams(), priority)
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq.request_id
@@ -220,8 +222,28 @@ class Engine:
             self.step()
         return [finish_output(s, self.tokenizer) for s in seqs]
 
+    def score(self, prompts: list[str | list[int]], completions: list[str | list[int]] | None = None,
+              adapters: list[str | None] | str | None = None, per_token: bool = False) -> list[LoglikScore]:
+        """Log-likelihood of each completion after its prompt (without completions: of each prompt
+        after its first token): sum, mean, token count, greedy flag, optionally per token."""
+        completions = completions if completions is not None else [None] * len(prompts)
+        if len(completions) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts need {len(prompts)} completions, got {len(completions)}")
+        pairs = [encode_pair(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        outs = self.generate([ids for ids, _ in pairs], adapters, [score_params(start) for _, start in pairs])
+        for o in outs:
+            if o.error:
+                raise InvalidRequestError(o.error)
+        return [loglik(o.prompt_logprobs, start, per_token) for o, (_, start) in zip(outs, pairs)]
+
+    def encode_pair(self, prompt: str | list[int], completion: str | list[int] | None) -> tuple[list[int], int]:
+        """Token ids of a scored request and the first scored position (see ``worker.scoring``)."""
+        ids, start = encode_pair(self.tokenizer, prompt, completion)
+        self._encode(ids)           # range checks
+        return ids, start
+
     # -- internals ---------------------------------------------------------------------------
-    def _make_sequence(self, request_id, prompt, adapter, params: SamplingParams) -> Sequence:
+    def _make_sequence(self, request_id, prompt, adapter, params: SamplingParams, priority: int = 0) -> Sequence:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
         params.validate()
@@ -239,7 +261,7 @@ class Engine:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         elif not params.greedy:
             gen = torch.Generator(device=self.device).manual_seed(int.from_bytes(uuid.uuid4().bytes[:8], "little") >> 1)
-        return Sequence(request_id, ids, params, adapter, gen, self._eos_ids())
+        return Sequence(request_id, ids, params, adapter, gen, self._eos_ids(), priority)
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

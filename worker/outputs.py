@@ -9,6 +9,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)   # the N most likely tokens at this position
+    greedy: bool | None = None        # prompt logprobs: the token is the most likely one here
 
 
 @dataclass

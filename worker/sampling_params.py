@@ -18,6 +18,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None     # top-N logprobs per generated token (0 = only the chosen token)
     prompt_logprobs: int | None = None  # scoring mode: log p(prompt[i] | prompt[:i]) for every i >= 1
+    prompt_logprobs_from: int = 1       # ... but only for i >= this (a completion after its context)
     echo: bool = False              # include the prompt in the returned text
 
     MAX_LOGPROBS = 20
@@ -53,6 +54,10 @@ class SamplingParams:
             n = getattr(self, name)
             if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.MAX_LOGPROBS):
                 raise InvalidRequestError(f"{name} must be an integer in [0, {self.MAX_LOGPROBS}], got {n!r}")
+
+        if (not isinstance(self.prompt_logprobs_from, int) or isinstance(self.prompt_logprobs_from, bool)
+                or self.prompt_logprobs_from < 1):
+            raise InvalidRequestError(f"prompt_logprobs_from must be an integer >= 1, got {self.prompt_logprobs_from!r}")
 
     @property
     def greedy(self) -> bool:

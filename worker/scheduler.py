@@ -14,6 +14,12 @@ Each step, in order:
    times, nothing behind it is admitted until it gets its slot, so busy adapters
    cannot starve it. A request whose adapter failed to load is failed, with
    the loader's message, and handed back through ``failed``.
+
+Priorities: the waiting queue is ordered by priority (higher first, then arrival);
+a running prefill of lower priority than the first waiting request yields its
+turn to that admission and gets what budget is left after it. Prefills below
+priority 0 (batch scoring) take at most ``low_priority_tokens`` a step, so a step
+that an online request arrives behind stays short.
 """
 from __future__ import annotations
 
@@ -39,12 +45,13 @@ class ScheduledSeq:
 
 class Scheduler:
     def __init__(self, kv: KVCache, slots: AdapterSlots, adapters, max_num_seqs: int,
-                 max_num_batched_tokens: int, starvation_steps: int = 8):
+                 max_num_batched_tokens: int, starvation_steps: int = 8, low_priority_tokens: int | None = None):
         self.kv = kv
         self.slots = slots
         self.adapters = adapters            # HostCache: the host tier, loading from disk in the background
         self.max_num_seqs = max_num_seqs
         self.budget = max_num_batched_tokens
+        self.low_priority_tokens = low_priority_tokens or max_num_batched_tokens
         self.starvation_steps = starvation_steps
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -53,35 +60,63 @@ class Scheduler:
         self._load_errors: dict[str, str] = {}
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if not self.waiting or self.waiting[-1].priority >= seq.priority:
+            self.waiting.append(seq)            # the common case: no one to overtake
+            return
+        at = next(i for i, s in enumerate(self.waiting) if s.priority < seq.priority)
+        self.waiting.insert(at, seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledSeq]:
-        budget = self.budget
+        self._budget, self._low_budget = self.budget, self.low_priority_tokens
         out: list[ScheduledSeq] = []
         preempted = False
-        queue = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, s.arrival))
-        while queue and budget > 0:
+        first_waiting = self.waiting[0].priority if self.waiting else None
+        queue = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, -s.priority, s.arrival))
+        deferred: list[Sequence] = []
+        while queue and self._budget > 0:
             seq = queue.pop(0)
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            prefill = seq.num_tokens - seq.num_computed > 1
+            if prefill and first_waiting is not None and seq.priority < first_waiting:
+                deferred.append(seq)            # a more urgent request waits: admit it first
+                continue
+            n = self._allowance(seq)
+            if n == 0:
+                continue
             while not self._reserve(seq, n):
-                victim = queue.pop() if queue else seq
+                victim = (deferred or queue).pop() if (deferred or queue) else seq
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
-                out.append(ScheduledSeq(seq, n))
-                budget -= n
+                self._take(out, seq, n)
         if not preempted:
-            budget = self._admit(out, budget)
+            self._admit(out)
+            for seq in deferred:
+                n = self._allowance(seq)
+                if n and self._reserve(seq, n):
+                    self._take(out, seq, n)
         return out
 
-    def _admit(self, out: list[ScheduledSeq], budget: int) -> int:
+    def _allowance(self, seq: Sequence) -> int:
+        """Tokens ``seq`` may compute this step under the budgets left."""
+        n = min(seq.num_tokens - seq.num_computed, self._budget)
+        if seq.priority < 0 and n > 1:
+            n = min(n, self._low_budget)
+        return max(n, 0)
+
+    def _take(self, out: list[ScheduledSeq], seq: Sequence, n: int) -> None:
+        out.append(ScheduledSeq(seq, n))
+        self._budget -= n
+        if seq.priority < 0 and n > 1:
+            self._low_budget -= n
+
+    def _admit(self, out: list[ScheduledSeq]) -> None:
         passed_over: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and self._budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             state = "ready" if seq.adapter is None else self._adapter_state(seq.adapter)
             if state == "failed":
@@ -96,7 +131,9 @@ class Scheduler:
                     break                       # drain: nothing overtakes a starving request
                 passed_over.append(self.waiting.popleft())
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._allowance(seq)
+            if n == 0:
+                break                           # the batch share of this step is spent
             if not self._reserve(seq, n):
                 break                           # out of KV blocks: wait for running sequences to finish
             self.waiting.popleft()
@@ -104,10 +141,8 @@ class Scheduler:
                 seq.slot = self.slots.acquire(seq.adapter)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            out.append(ScheduledSeq(seq, n))
-            budget -= n
+            self._take(out, seq, n)
         self.waiting.extendleft(reversed(passed_over))
-        return budget
 
     def _adapter_state(self, name: str) -> str:
         """ready | loading | no-slot | failed; starts the loads that are due."""

@@ -20,7 +20,7 @@ class Status(enum.Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
-                 generator: torch.Generator | None, eos_ids: tuple[int, ...]):
+                 generator: torch.Generator | None, eos_ids: tuple[int, ...], priority: int = 0):
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -29,6 +29,7 @@ class Sequence:
         self.generator = generator
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         self.arrival = next(_arrivals)
+        self.priority = priority             # higher first; batch scoring runs below 0
         self.status = Status.WAITING
         self.slot = -1                       # LoRA slot while running (-1 = base model)
         self.block_table: list[int] = []
@@ -37,7 +38,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.logprobs: list[TokenLogprob] = []
-        self.prompt_logprobs: list[TokenLogprob | None] = [None] if params.prompt_logprobs is not None else []
+        # positions before prompt_logprobs_from are not scored: None, like position 0
+        unscored = min(params.prompt_logprobs_from, len(self.prompt_ids))
+        self.prompt_logprobs: list[TokenLogprob | None] = [None] * unscored if params.prompt_logprobs is not None else []
         # incremental detokenization state
         self.text = ""
         self.emitted = 0                     # characters of `text` already streamed
