@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from producer.errors import JobValidationError
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")   # no braces: ids go inside Redis hash tags
-MERGE_STRATEGIES = ("linear", "cat", "ties", "dare_linear", "dare_ties", "svd")
+MERGE_STRATEGIES = ("linear", "cat", "ties", "dare_linear", "dare_ties")   # cat = linear: ranks concatenated
 MAX_LOGPROBS = 20
 MAX_STOP = 16
 
@@ -68,13 +68,23 @@ class AdapterWeight(_Strict):
     weight: float = Field(1.0, allow_inf_nan=False)
 
 
+class MergeParams(_Strict):
+    """Parameters of the TIES / DARE merges (PEFT's names)."""
+    density: float = Field(gt=0.0, le=1.0, allow_inf_nan=False)
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    seed: int | None = Field(None, ge=0, lt=2**63)       # DARE's random pruning
+
+
 class Job(_Strict):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     adapter: str | None = Field(None, min_length=1, max_length=256)   # None = the base model
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, max_length=64)
     merge: str | None = None
+    merge_params: MergeParams | None = None
     prompt: str | None = None
     input_ids: list[int] | None = Field(None, min_length=1)
+    completion: str | None = None                    # mode=score: score this text after the prompt
+    completion_ids: list[int] | None = Field(None, min_length=1)   # ... or these tokens after input_ids
     params: Params = Field(default_factory=Params)
     mode: Literal["generate", "score"] = "generate"
     priority: int = 0
@@ -89,7 +99,7 @@ class Job(_Strict):
             raise ValueError("must be 1-128 characters of A-Z a-z 0-9 . _ : @ / -")
         return v
 
-    @field_validator("input_ids")
+    @field_validator("input_ids", "completion_ids")
     @classmethod
     def _ids_non_negative(cls, v):
         if v is not None and any(t < 0 for t in v):
@@ -102,6 +112,15 @@ class Job(_Strict):
             raise _FieldError("prompt", "give exactly one of prompt (text) or input_ids")
         if self.prompt is not None and not self.prompt:
             raise _FieldError("prompt", "is empty")
+        if self.completion is not None or self.completion_ids is not None:
+            if self.mode != "score":
+                raise _FieldError("completion", "only applies to mode=score")
+            if self.completion is not None and (self.prompt is None or self.completion_ids is not None):
+                raise _FieldError("completion", "text completion goes with a text prompt (completion_ids with input_ids)")
+            if self.completion_ids is not None and self.input_ids is None:
+                raise _FieldError("completion_ids", "goes with input_ids (a text prompt takes completion)")
+            if self.completion == "":
+                raise _FieldError("completion", "is empty: nothing to score")
         if self.adapter is not None and self.adapters is not None:
             raise _FieldError("adapters", "give either adapter or adapters (an ensemble), not both")
         if self.adapters is not None:
@@ -111,7 +130,9 @@ class Job(_Strict):
             self.merge = self.merge or "linear"
             if self.merge not in MERGE_STRATEGIES:
                 raise _FieldError("merge", f"must be one of {', '.join(MERGE_STRATEGIES)}, got {self.merge!r}")
-        elif self.merge is not None:
+            if self.merge not in ("linear", "cat") and self.merge_params is None:
+                raise _FieldError("merge_params", f"merge {self.merge!r} needs merge_params with a density in (0, 1]")
+        elif self.merge is not None or self.merge_params is not None:
             raise _FieldError("merge", "only applies to an ensemble (adapters)")
         return self
 
@@ -210,7 +231,8 @@ class JobResult:
     error: str | None = None
     adapter: str | None = None
     logprobs: list[dict] | None = None
-    prompt_logprobs: list[dict | None] | None = None   # mode=score
+    prompt_logprobs: list[dict | None] | None = None   # mode=score, with params.logprobs
+    score: dict | None = None                # mode=score: {logprob_sum, logprob_mean, tokens, greedy[, token_logprobs]}
     prompt_tokens: int = 0
     completion_tokens: int = 0
     attempts: int = 1

@@ -153,6 +153,7 @@ def reference(tiny):
         finally:
             torch.set_num_threads(threads)
 
+    generate.engine = engine            # for ensembles and scoring
     return generate
 
 

@@ -17,7 +17,8 @@ PROMPTS = ["the quick brown fox", "adapters serve many tenants", "SELECT name FR
 @pytest.fixture(scope="module")
 def worker(start_worker):
     # ad0, ad1 preloaded; ad2, ad3 are loaded from the adapter directory on first use
-    return start_worker("w1", preload=["ad0", "ad1"], extra=["--steal-after", "0.1", "--max-attempts", "2"]).wait_ready()
+    return start_worker("w1", preload=["ad0", "ad1"], extra=["--steal-after", "0.1", "--max-attempts", "2",
+                                                            "--engine-options", '{"max_lora_rank": 32}']).wait_ready()
 
 
 def test_jobs_stream_in_order_and_match_offline_generate(worker, client, reference):
@@ -62,6 +63,32 @@ def test_echo_and_score_modes(worker, client, reference):
     assert all(lp["logprob"] <= 0 for lp in s.prompt_logprobs[1:]) and s.token_ids == []
 
 
+def test_ensembles_and_loglik_scoring_match_the_engine(worker, client, reference):
+    engine = reference.engine
+    members = [("ad0", 0.7), ("ad2", 0.3)]
+    ens = engine.ensemble(members, "linear")
+    for merge in ("linear", "cat"):
+        res = client.submit(prompt="the quick", adapters=[{"id": a, "weight": w} for a, w in members], merge=merge,
+                            params={"max_tokens": 8, "temperature": 0}).wait(30)
+        assert res.status == "done", res.error
+        assert res.token_ids == reference("the quick", ens, max_tokens=8, temperature=0.0).token_ids
+    ties = client.submit(prompt="the quick", adapters=[{"id": a, "weight": w} for a, w in members], merge="ties",
+                         merge_params={"density": 0.5}, params={"max_tokens": 8, "temperature": 0}).wait(30)
+    ties_ref = reference("the quick", engine.ensemble(members, "ties", density=0.5), max_tokens=8, temperature=0.0)
+    assert ties.status == "done" and ties.token_ids == ties_ref.token_ids
+    # loglik of a completion, alone and under an ensemble
+    (want,) = engine.score(["the quick brown"], [" fox jumps"], "ad1", per_token=True)
+    got = client.submit(prompt="the quick brown", completion=" fox jumps", adapter="ad1", mode="score",
+                        params={"logprobs": 0}).wait(30)
+    assert got.status == "done" and got.score["tokens"] == want.tokens
+    assert abs(got.score["logprob_sum"] - want.logprob_sum) < 1e-4 and got.score["greedy"] == want.greedy
+    assert got.score["token_logprobs"] == pytest.approx(want.token_logprobs, abs=1e-4)
+    (want,) = engine.score(["the quick brown"], [" fox jumps"], ens)
+    got = client.submit(prompt="the quick brown", completion=" fox jumps", mode="score",
+                        adapters=[{"id": a, "weight": w} for a, w in members]).wait(30)
+    assert abs(got.score["logprob_sum"] - want.logprob_sum) < 1e-4 and got.prompt_logprobs is None
+
+
 def test_cancel_stops_generation(worker, client):
     h = client.submit(prompt="the quick", adapter="ad0", params={"max_tokens": 900, "temperature": 0,
                                                                  "ignore_eos": True})
@@ -98,8 +125,11 @@ def test_bad_jobs_get_clear_errors_and_the_worker_survives(worker, client, rds):
         client.submit(prompt="x", adapter="no-such-adapter").id: "unknown adapter 'no-such-adapter'",
         client.submit(input_ids=[5] * 1500, adapter="ad0").id: "prompt is 1500 tokens",
         client.submit(input_ids=[10**6], params={"max_tokens": 2}).id: "token ids out of range",
-        client.submit(prompt="x", adapters=[{"id": "ad0", "weight": 0.5}, {"id": "ad1", "weight": 0.5}]).id:
-            "ensembles",
+        client.submit(prompt="x", adapters=[{"id": "ad0", "weight": 0.5}, {"id": "nope", "weight": 0.5}]).id:
+            "unknown adapter 'nope'",
+        client.submit(prompt="x", adapters=[{"id": "ad0", "weight": 0.5}, {"id": "ad3", "weight": 0.5}]).id:
+            "over the server's limit",       # k_proj ranks 8 + 32 concatenated: 40 > 32
+        client.submit(prompt="x", mode="score", completion=" y" * 1500).id: "prompt is",
     }
     # jobs written by a producer that skipped validation
     base = keys.jobs(keys.BASE_SHARD)

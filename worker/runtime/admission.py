@@ -30,9 +30,6 @@ def check(rj: RunningJob, cfg: RuntimeConfig, cancelled: bool) -> Refusal | None
         return Refusal("cancelled")
     if job.deadline is not None and time.time() >= job.deadline:
         return Refusal("deadline", "the deadline passed before the job started")
-    if job.is_ensemble:
-        return Refusal("error", "adapter ensembles (adapters + merge) are not supported by this worker yet; "
-                                "send a single adapter")
     try:
         sampling_params(job)
     except InvalidRequestError as e:
@@ -65,12 +62,19 @@ class AdapterLoader:
 
 
 async def engine_request(rj: RunningJob, held: set[str], loader: AdapterLoader) -> EngineRequest | Refusal:
+    """The engine request of a job, with the adapters it names that the engine lacks read from disk."""
     job = rj.job
-    lora = None
-    if job.adapter is not None and job.adapter not in held:
-        try:
-            lora = await loader.load(job.adapter)
-        except AdapterError as e:
-            return Refusal("error", str(e))
+    names = [a.id for a in job.adapters] if job.is_ensemble else [job.adapter] if job.adapter else []
+    try:
+        loras = tuple([await loader.load(n) for n in names if n not in held])
+    except AdapterError as e:
+        return Refusal("error", str(e))
+    ensemble = None
+    if job.is_ensemble:
+        strategy = "linear" if job.merge == "cat" else job.merge
+        params = job.merge_params.model_dump(exclude_none=True) if job.merge_params else {}
+        ensemble = ([(a.id, a.weight) for a in job.adapters], strategy, params)
     prompt = job.prompt if job.prompt is not None else list(job.input_ids)
-    return EngineRequest(rj.id, prompt, job.adapter, sampling_params(job), lora, echo=job.params.echo)
+    completion = job.completion if job.completion is not None else job.completion_ids
+    return EngineRequest(rj.id, prompt, job.adapter, sampling_params(job), loras, echo=job.params.echo,
+                         ensemble=ensemble, completion=completion, score=job.mode == "score", priority=job.priority)

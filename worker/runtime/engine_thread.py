@@ -6,7 +6,7 @@ event loop with ``call_soon_threadsafe`` (one call per step).
 
 Events (tuples): ``("accepted", rid, prompt_tokens, echo_text)``,
 ``("rejected", rid, message)``, ``("outputs", [RequestOutput, ...])``,
-``("prompt_logprobs", rid, [TokenLogprob | None, ...])``,
+``("prompt_logprobs", rid, [TokenLogprob | None, ...], first scored position)``,
 ``("residency", resident_adapters, host_adapters)``, ``("cache", engine.cache_stats())``,
 ``("crashed", message)``.
 """
@@ -30,8 +30,12 @@ class EngineRequest:
     prompt: str | list[int]
     adapter: str | None
     params: Any                      # SamplingParams
-    lora: Any = None                 # a LoRAAdapter loaded off-thread, registered before the request
+    loras: tuple = ()                # LoRAAdapters loaded off-thread, registered before the request
     echo: bool = False
+    ensemble: tuple | None = None    # ([(adapter, weight), ...], strategy, merge params): merged on first use
+    completion: Any = None           # mode=score: score this after the prompt (text or ids)
+    score: bool = False
+    priority: int = 0
 
 
 class EngineThread:
@@ -71,7 +75,8 @@ class EngineThread:
                     for out in outs:
                         seq = self._scoring.pop(out.request_id, None) if out.finished else None
                         if seq is not None:
-                            events.append(("prompt_logprobs", out.request_id, list(seq.prompt_logprobs)))
+                            events.append(("prompt_logprobs", out.request_id, list(seq.prompt_logprobs),
+                                           seq.params.prompt_logprobs_from))
                     events.append(("outputs", outs))
                 residency = (tuple(engine.slots.slot_of), tuple(engine.adapters))
                 if residency != self._residency:
@@ -105,9 +110,16 @@ class EngineThread:
                 continue
             req: EngineRequest = cmd[1]
             try:
-                if req.lora is not None and req.lora.name not in engine.adapters:
-                    engine.add_lora(req.lora)
-                rid = engine.add_request(req.request_id, req.prompt, req.adapter, req.params)
+                for lora in req.loras:
+                    if lora.name not in engine.adapters:
+                        engine.add_lora(lora)
+                adapter, prompt = req.adapter, req.prompt
+                if req.ensemble is not None:
+                    members, strategy, params = req.ensemble
+                    adapter = engine.ensemble(members, strategy, **params)
+                if req.score:
+                    prompt, req.params.prompt_logprobs_from = engine.encode_pair(prompt, req.completion)
+                rid = engine.add_request(req.request_id, prompt, adapter, req.params, req.priority)
             except OpenLoRAError as e:      # InvalidRequestError, AdapterError: the job's fault
                 events.append(("rejected", req.request_id, str(e)))
                 continue

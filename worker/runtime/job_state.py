@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from producer.protocol import CANCELLED, DONE, EXPIRED, FAILED, Chunk, Job, JobResult
 from worker.outputs import RequestOutput, TokenLogprob
 from worker.sampling_params import SamplingParams
+from worker.scoring import loglik
 
 # why a job stopped early -> (finish_reason, status)
 STOPS = {"cancelled": ("cancelled", CANCELLED), "deadline": ("deadline", EXPIRED), "error": ("error", FAILED)}
@@ -28,8 +29,9 @@ def sampling_params(job: Job) -> SamplingParams:
     kw = dict(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
               stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
               logprobs=p.logprobs, echo=p.echo)
-    if job.mode == "score":
-        kw.update(max_tokens=1, temperature=0.0, logprobs=None, prompt_logprobs=p.logprobs or 0, stop=[])
+    if job.mode == "score":     # the first scored position is set once the prompt is tokenized
+        kw.update(max_tokens=1, temperature=0.0, logprobs=None, prompt_logprobs=p.logprobs or 0, stop=[],
+                  ignore_eos=True, echo=False)
     return SamplingParams(**kw)
 
 
@@ -53,6 +55,7 @@ class RunningJob:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     prompt_logprobs: list | None = None
+    score: dict | None = None        # mode=score: the log-likelihood summary
     prompt_tokens: int = 0
     echo: str | None = None
     timer: object = None
@@ -96,9 +99,16 @@ class RunningJob:
             id=self.id, status=status, text="" if score else text, token_ids=[] if score else self.token_ids,
             finish_reason=finish_reason, error=error, adapter=self.job.adapter,
             logprobs=self.logprobs if self.job.params.logprobs is not None and not score else None,
-            prompt_logprobs=self.prompt_logprobs, prompt_tokens=self.prompt_tokens,
+            prompt_logprobs=self.prompt_logprobs, score=self.score, prompt_tokens=self.prompt_tokens,
             completion_tokens=0 if score else len(self.token_ids), attempts=self.delivery.deliveries, worker=worker,
             submitted_at=self.job.submitted_at, finished_at=time.time())
+
+    def on_prompt_logprobs(self, lps: list, start: int) -> None:
+        """mode=score: keep the summary, and the per-position records when the job asked for logprobs."""
+        per_token = self.job.params.logprobs is not None
+        self.score = loglik(lps, start, per_token).to_dict()
+        if per_token:
+            self.prompt_logprobs = [logprob_json(lp) for lp in lps]
 
     def closing_chunk(self, finish_reason: str, error: str | None = None) -> Chunk:
         """The final chunk for a job that ends without a final engine output (refused, expired...)."""

@@ -22,7 +22,7 @@ from worker.usage import UsageLedger
 from worker.runtime.admission import AdapterLoader, Refusal, check, engine_request
 from worker.runtime.config import RuntimeConfig
 from worker.runtime.engine_thread import EngineThread
-from worker.runtime.job_state import Delivery, RunningJob, failed_result, logprob_json
+from worker.runtime.job_state import Delivery, RunningJob, failed_result
 from worker.runtime.shard_queues import ShardQueues
 
 log = logging.getLogger("openlora.worker")
@@ -226,7 +226,7 @@ class WorkerRuntime:
             elif kind == "rejected" and rj is not None:
                 self._finish_now(rj, "error", ev[2])
             elif kind == "prompt_logprobs" and rj is not None:
-                rj.prompt_logprobs = [logprob_json(lp) for lp in ev[2]]
+                rj.on_prompt_logprobs(ev[2], ev[3])
             elif kind == "outputs":
                 for out in ev[1]:
                     rj = self.jobs.get(out.request_id)
