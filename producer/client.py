@@ -52,13 +52,13 @@ class JobHandle:
 
 
 def prepare(job: Job | dict | str | None, fields: dict, router: keys.ShardRouter) -> tuple[Job, str]:
-    """Validate (raises JobValidationError), pin the seed, pick the shard."""
+    """Validate (raises JobValidationError), pin the seed, pick the shard (its low lane below priority 0)."""
     if job is None:
         job = fields
     elif fields:
         raise TypeError("pass a job or keyword fields, not both")
     job = Job.parse(job).pinned()
-    return job, router.shard_of(job.route_key)
+    return job, keys.lane(router.shard_of(job.route_key), job.priority)
 
 
 def guard_record(job: Job, shard: str) -> str:
@@ -153,7 +153,7 @@ class Client:
         return True
 
     def queue_lengths(self) -> dict[str, int]:
-        shards = self.router.all_shards()
+        shards = self.router.all_lanes()
         with self.redis.pipeline(transaction=False) as p:
             for s in shards:
                 p.xlen(keys.jobs(s))

@@ -59,6 +59,17 @@ def tokens(job_id: str) -> str:
     return f"{PREFIX}:tokens:{{job:{job_id}}}"
 
 
+# -- per tenant (the API's limits) -------------------------------------------------------------
+def tenant_inflight(tenant: str) -> str:
+    """Sorted set of the tenant's queued or running job ids (score: when admitted), for its queue share."""
+    return f"{PREFIX}:{{tenant:{tenant}}}:inflight"
+
+
+def tenant_rate(tenant: str) -> str:
+    """Hash ``{tokens, ts}``: the tenant's request token bucket, shared by every API process."""
+    return f"{PREFIX}:{{tenant:{tenant}}}:rate"
+
+
 # -- per worker ------------------------------------------------------------------------------
 def worker(fleet: str, worker_id: str) -> str:
     """Heartbeat hash with a TTL: which adapters a worker holds, its load; gone when it dies."""

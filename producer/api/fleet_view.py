@@ -18,7 +18,7 @@ class FleetView:
         self.redis, self.router, self.fleet = redis, router, fleet
 
     async def queue_lengths(self) -> dict[str, int]:
-        shards = self.router.all_shards()
+        shards = self.router.all_lanes()
         async with self.redis.pipeline(transaction=False) as p:
             for s in shards:
                 p.xlen(keys.jobs(s))

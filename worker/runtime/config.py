@@ -22,6 +22,7 @@ class RuntimeConfig:
     device: str = "cpu"
     dtype: str | None = None                    # default: float32 on CPU, bfloat16 on GPU
     max_num_seqs: int = 32                      # in-flight jobs (engine batch) and pull capacity
+    batch_share: float = 0.75                   # of that, at most this share for low-priority (batch) jobs
     max_loras: int = 4
     engine_options: dict = field(default_factory=dict)   # more EngineConfig fields
     adapters: AdapterDirectory = field(default_factory=AdapterDirectory)
@@ -47,6 +48,8 @@ class RuntimeConfig:
         for name in ("heartbeat_ttl_s", "steal_after_s", "grace_s"):
             if getattr(self, name) < 0:
                 raise OpenLoRAError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 < self.batch_share <= 1.0:
+            raise OpenLoRAError(f"batch_share must be in (0, 1], got {self.batch_share!r}")
         if self.heartbeat_ttl_s < 1:
             raise OpenLoRAError(f"heartbeat_ttl_s must be >= 1 second, got {self.heartbeat_ttl_s}")
         if ":" in self.fleet or "{" in self.worker_id or "}" in self.worker_id:
@@ -77,6 +80,8 @@ class RuntimeConfig:
         p.add_argument("--device", default=e("OPENLORA_DEVICE", cls.device))
         p.add_argument("--dtype", default=e("OPENLORA_DTYPE"))
         p.add_argument("--max-num-seqs", type=int, default=int(e("OPENLORA_MAX_NUM_SEQS", cls.max_num_seqs)))
+        p.add_argument("--batch-share", type=float, default=float(e("OPENLORA_BATCH_SHARE", cls.batch_share)),
+                       help="share of --max-num-seqs that low-priority (batch scoring) jobs may hold")
         p.add_argument("--max-loras", type=int, default=int(e("OPENLORA_MAX_LORAS", cls.max_loras)))
         p.add_argument("--engine-options", default=e("OPENLORA_ENGINE_OPTIONS", "{}"), help="JSON of EngineConfig fields")
         p.add_argument("--adapter-dirs", default=e("OPENLORA_ADAPTER_DIRS", ""),
@@ -98,7 +103,7 @@ class RuntimeConfig:
             raise OpenLoRAError(f"bad worker configuration: {err}") from err
         extra = {"worker_id": a.worker_id} if a.worker_id else {}
         return cls(model_dir=a.model_dir, redis_url=a.redis_url, database_url=a.database_url, fleet=a.fleet, device=a.device, dtype=a.dtype,
-                   max_num_seqs=a.max_num_seqs, max_loras=a.max_loras, engine_options=options, adapters=adapters,
+                   max_num_seqs=a.max_num_seqs, batch_share=a.batch_share, max_loras=a.max_loras, engine_options=options, adapters=adapters,
                    preload=[x for x in a.preload.split(",") if x], num_shards=a.shards, shard_map=shard_map,
                    heartbeat_ttl_s=a.heartbeat_ttl, max_attempts=a.max_attempts, steal_after_s=a.steal_after,
                    grace_s=a.grace, torch_threads=a.torch_threads, **extra)

@@ -1,6 +1,7 @@
 """The worker's asyncio runtime: pull jobs, feed the engine thread, stream chunks, write results.
 
-Tasks: ``_pull_loop`` (own shards first, then steal what waits too long elsewhere),
+Tasks: ``_pull_loop`` (own shards first, then steal what waits too long elsewhere; the
+shards' low-priority lanes only with capacity to spare, up to ``batch_share``),
 ``_upkeep_loop`` (heartbeat, keep own entries fresh, reclaim dead workers' jobs,
 sweep cancel flags), ``_cancel_listener`` (pub/sub), ``_writer`` (one transaction per step).
 """
@@ -53,7 +54,7 @@ class WorkerRuntime:
         self.host = set(self.engine.adapters)
         self.loader = AdapterLoader(self.cfg.adapters, self.engine)
         self.queues = ShardQueues(self.redis, self.cfg)
-        await self.queues.setup(self.router.all_shards())
+        await self.queues.setup(self.router.all_lanes())
         self._capacity, self._stop, self._writes = asyncio.Event(), asyncio.Event(), asyncio.Queue()
         self.thread = EngineThread(self.engine, loop, self._on_events)
         self.thread.start()
@@ -119,20 +120,35 @@ class WorkerRuntime:
                         pass
                     continue
                 own = self.own_shards()
-                got = await self._pull_each(self._rotate(own), free)
+                got = await self._pull_round(own, [s for s in self.router.all_shards() if s not in own], free)
+                low_free = min(free, self._low_capacity())
+                if not got and low_free > 0:
+                    low = [keys.lane(s, -1) for s in self.router.all_shards()]
+                    own_low = [keys.lane(s, -1) for s in own]
+                    got = await self._pull_round(own_low, [s for s in low if s not in own_low], low_free)
                 if not got:
-                    others = [s for s in self.router.all_shards() if s not in own]
-                    waiting = await self.queues.waiting_since(others)
-                    now = time.time()
-                    ripe = [s for s in self._rotate(others) if now - waiting.get(s, now) >= self.cfg.steal_after_s]
-                    got = await self._pull_each(ripe, free)
-                if not got:
-                    self._accept(await self.queues.pull(own, 1, block_ms=self.cfg.poll_ms))
+                    idle = own + ([keys.lane(s, -1) for s in own] if low_free > 0 else [])
+                    self._accept(await self.queues.pull(idle, 1, block_ms=self.cfg.poll_ms))
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("pull failed; retrying")
                 await asyncio.sleep(1)
+
+    def _low_capacity(self) -> int:
+        """Low-priority jobs this worker may still take: online jobs keep the rest of the batch."""
+        cap = max(1, int(self.cfg.max_num_seqs * self.cfg.batch_share))
+        return cap - sum(rj.delivery.shard.endswith(keys.LOW_LANE) for rj in self.jobs.values())
+
+    async def _pull_round(self, own: list[str], others: list[str], free: int) -> int:
+        """Pull from ``own`` lanes; failing that, steal from ``others`` what waited past ``steal_after_s``."""
+        got = await self._pull_each(self._rotate(own), free)
+        if not got and others:
+            waiting = await self.queues.waiting_since(others)
+            now = time.time()
+            ripe = [s for s in self._rotate(others) if now - waiting.get(s, now) >= self.cfg.steal_after_s]
+            got = await self._pull_each(ripe, free)
+        return got
 
     async def _pull_each(self, shards: list[str], free: int) -> int:
         got = 0
@@ -321,7 +337,7 @@ class WorkerRuntime:
         for job_id in await self.queues.cancelled(running) if running else []:
             self._abort(job_id, "cancelled")
         free = self.cfg.max_num_seqs - len(self.jobs)
-        for shard in self._rotate(self.router.all_shards()):
+        for shard in self._rotate(self.router.all_lanes()):
             if self.stopping or free <= 0:
                 break
             free -= self._accept(await self.queues.reclaim(shard, free))
