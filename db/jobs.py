@@ -58,6 +58,10 @@ class BatchRun(SQLModel, table=True):
     done_rows: int = 0
     failed_rows: int = 0
     error: str | None = Field(default=None, sa_type=sa.Text)
+    # how the run was planned (mode options, chunk size...): a resume replays the same plan
+    options: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    input_sha256: str | None = Field(default=None, index=True, sa_type=sa.String(64))
+    num_chunks: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_at: datetime = timestamp()
     updated_at: datetime = timestamp(onupdate=True)
     finished_at: datetime | None = timestamp(nullable=True)

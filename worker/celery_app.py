@@ -8,6 +8,10 @@ The broker and the result backend are that same Redis unless ``CELERY_BROKER_URL
 ``CELERY_RESULT_BACKEND`` say otherwise. ``OPENLORA_CELERY_RUNTIME=0`` starts no runtime (a
 control-only node).
 
+Batch runs: ``worker.batch_tasks`` registers its tasks on this app; they run on the
+``openlora.batch`` queue (``-Q openlora.batch --pool threads``, with ``OPENLORA_CELERY_RUNTIME=0``
+on a node without a GPU).
+
 Control is Celery remote control, answered by the running runtime on its engine thread:
 
     from worker.celery_app import control
@@ -27,6 +31,7 @@ from worker.errors import OpenLoRAError
 
 log = logging.getLogger("openlora.worker")
 COMMANDS = ("stats", "load_adapter", "unload_adapter", "pin_adapter")
+BATCH_QUEUE = "openlora.batch"      # batch-run chunks: consumed by workers that need no GPU (see batch_tasks)
 _runtime = None     # the BackgroundRuntime of this worker process, once started
 
 
@@ -35,7 +40,11 @@ def make_app(redis_url: str | None = None) -> Celery:
     app = Celery("openlora", broker=os.environ.get("CELERY_BROKER_URL", url),
                  backend=os.environ.get("CELERY_RESULT_BACKEND", url))
     app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                    worker_hijack_root_logger=False, broker_connection_retry_on_startup=True)
+                    worker_hijack_root_logger=False, broker_connection_retry_on_startup=True,
+                    # a chunk task is long: take one at a time, so a dead worker holds no others
+                    worker_prefetch_multiplier=1,
+                    task_routes={"openlora.score_chunk": {"queue": BATCH_QUEUE},
+                                 "openlora.finish_run": {"queue": BATCH_QUEUE}})
     return app
 
 
@@ -108,3 +117,6 @@ def control(command: str, *, celery_app: Celery | None = None, destination: list
         raise ValueError(f"unknown command {command!r}; one of {', '.join(COMMANDS)}")
     return (celery_app or app).control.broadcast(f"openlora_{command}", arguments=arguments, reply=True,
                                                  timeout=timeout, destination=destination)
+
+
+import worker.batch_tasks  # noqa: E402,F401  (registers the batch-run tasks on ``app``)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from db.session import openlora_home
 from worker.cli_adapters import add_subcommands as add_adapter_commands
+from worker.cli_score import add_subcommands as add_score_commands
 
 DEFAULT_HOME = openlora_home()
 
@@ -66,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
 
     add_adapter_commands(sub)
+    add_score_commands(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["worker"]:        # its flags are the runtime's own: hand them over unparsed
         argv = ["worker", "--", *argv[1:]] if len(argv) > 1 and argv[1] != "--" else argv
     args = parser.parse_args(argv)
     if args.command == "worker" and args.runtime_args[:1] == ["--"]:
         args.runtime_args = args.runtime_args[1:]
-    if args.command == "adapters":
+    if args.command in ("adapters", "score"):
         return args.run(args)
     from worker.errors import OpenLoRAError
     try:
