@@ -100,14 +100,19 @@ def test_loglik_needs_every_position_scored():
     assert ids == [5, 6, 7, 8, 9] and start == 2
 
 
-def test_higher_priority_is_admitted_first_and_low_priority_prefill_is_capped(tiny):
-    engine = make_engine(tiny, max_num_seqs=2, max_num_batched_tokens=64, low_priority_tokens=8)
-    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+def test_online_prefill_steps_run_alone_and_batch_prefill_is_capped(tiny):
+    engine = make_engine(tiny, max_num_seqs=3, max_num_batched_tokens=64, low_priority_tokens=8)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     for i in range(3):
         engine.add_request(f"batch{i}", [7] * 30, None, params, priority=-1)
+    computed = lambda: {rid: s.num_computed for rid, s in engine.seqs.items()}  # noqa: E731
+    engine.step()                                   # batch0 starts its prefill: 8 tokens of 30
+    assert computed() == {"batch0": 8, "batch1": 0, "batch2": 0}
     engine.add_request("online", [9] * 5, None, params)
-    first = engine.scheduler.schedule()
-    # the online request jumped the queue; the one batch request admitted behind it got at most 8 tokens
-    assert [s.seq.request_id for s in first] == ["online", "batch0"]
-    assert first[1].num_new == 8
+    engine.step()
+    # the online request jumped the queue and prefilled alone: no batch tokens in its step
+    assert computed() == {"batch0": 8, "batch1": 0, "batch2": 0, "online": 5}
+    engine.step()
+    # while it decodes, batch prefill goes on within its share: 8 tokens a step
+    assert computed() == {"batch0": 16, "batch1": 0, "batch2": 0, "online": 6}
     assert [s.request_id for s in engine.scheduler.waiting] == ["batch1", "batch2"]

@@ -15,11 +15,11 @@ Each step, in order:
    cannot starve it. A request whose adapter failed to load is failed, with
    the loader's message, and handed back through ``failed``.
 
-Priorities: the waiting queue is ordered by priority (higher first, then arrival);
-a running prefill of lower priority than the first waiting request yields its
-turn to that admission and gets what budget is left after it. Prefills below
-priority 0 (batch scoring) take at most ``low_priority_tokens`` a step, so a step
-that an online request arrives behind stays short.
+Priorities: the waiting queue is ordered by priority (higher first, then arrival).
+Prefills below priority 0 (batch scoring) come last: they run only in steps where
+no online (priority >= 0) request prefills, and take at most ``low_priority_tokens``
+a step, so an online request's first token waits for neither their compute nor a
+long step it arrived behind. Decodes of every priority run first, as before.
 """
 from __future__ import annotations
 
@@ -72,34 +72,37 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         self._budget, self._low_budget = self.budget, self.low_priority_tokens
         out: list[ScheduledSeq] = []
-        preempted = False
-        first_waiting = self.waiting[0].priority if self.waiting else None
-        queue = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, -s.priority, s.arrival))
-        deferred: list[Sequence] = []
+        order = sorted(self.running, key=lambda s: (_prefilling(s), -s.priority, s.arrival))
+        batch = [s for s in order if s.priority < 0 and _prefilling(s)]
+        urgent = [s for s in order if not (s.priority < 0 and _prefilling(s))]
+        preempted = self._run(out, urgent, batch)
+        if preempted:
+            return out
+        self._admit(out, min_priority=0)
+        if any(_prefilling(sch.seq) and sch.seq.priority >= 0 for sch in out):
+            return out                          # an online prefill runs: keep its step short
+        self._run(out, batch, [])
+        self._admit(out)
+        return out
+
+    def _run(self, out: list[ScheduledSeq], queue: list[Sequence], spare: list[Sequence]) -> bool:
+        """Schedule running sequences in order; when KV blocks run out, preempt from ``spare``
+        (batch prefills) first, then from the back of ``queue``. True if anything was preempted."""
+        queue, preempted = list(queue), False
         while queue and self._budget > 0:
             seq = queue.pop(0)
-            prefill = seq.num_tokens - seq.num_computed > 1
-            if prefill and first_waiting is not None and seq.priority < first_waiting:
-                deferred.append(seq)            # a more urgent request waits: admit it first
-                continue
             n = self._allowance(seq)
             if n == 0:
                 continue
             while not self._reserve(seq, n):
-                victim = (deferred or queue).pop() if (deferred or queue) else seq
+                victim = spare.pop() if spare else queue.pop() if queue else seq
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
                 self._take(out, seq, n)
-        if not preempted:
-            self._admit(out)
-            for seq in deferred:
-                n = self._allowance(seq)
-                if n and self._reserve(seq, n):
-                    self._take(out, seq, n)
-        return out
+        return preempted
 
     def _allowance(self, seq: Sequence) -> int:
         """Tokens ``seq`` may compute this step under the budgets left."""
@@ -114,10 +117,12 @@ class Scheduler:
         if seq.priority < 0 and n > 1:
             self._low_budget -= n
 
-    def _admit(self, out: list[ScheduledSeq]) -> None:
+    def _admit(self, out: list[ScheduledSeq], min_priority: int | None = None) -> None:
         passed_over: list[Sequence] = []
         while self.waiting and self._budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if min_priority is not None and seq.priority < min_priority:
+                break
             state = "ready" if seq.adapter is None else self._adapter_state(seq.adapter)
             if state == "failed":
                 self._fail_waiting(seq.adapter, passed_over)
@@ -207,3 +212,7 @@ class Scheduler:
         if seq.slot >= 0:
             self.slots.release(seq.adapter)
             seq.slot = -1
+
+
+def _prefilling(seq: Sequence) -> bool:
+    return seq.num_tokens - seq.num_computed > 1
