@@ -26,6 +26,12 @@ class BatchInputError(ValueError):
 
 
 @dataclass
+class Unparsable:
+    """An input line that is not JSON: it becomes a row with this error."""
+    error: str
+
+
+@dataclass
 class Row:
     index: int                      # position in the input, from 0: output order
     id: Any                         # the input row's id (else its index)
@@ -50,30 +56,39 @@ def read_rows(path: str | Path, mode: str, token_logprobs: bool = False) -> Iter
     if not path.is_file():
         raise BatchInputError(f"input file {str(path)!r} does not exist")
     records = _parquet_records(path) if path.suffix.lower() == ".parquet" else _jsonl_records(path)
-    for index, (record, error) in enumerate(records):
-        yield to_row(index, record, mode, token_logprobs) if error is None else Row(index, index, None, error)
+    yield from rows_from_records(records, mode, token_logprobs)
 
 
-def rows_from_records(records: list, mode: str, token_logprobs: bool = False) -> Iterator[Row]:
-    """The same for rows already parsed (``POST /v1/batches`` with a JSON list)."""
+def rows_from_records(records, mode: str, token_logprobs: bool = False) -> Iterator[Row]:
+    """Rows from parsed records (an ``Unparsable`` stands for a line that was not JSON)."""
     if mode not in MODES:
         raise BatchInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     for index, record in enumerate(records):
-        yield to_row(index, record, mode, token_logprobs)
+        if isinstance(record, Unparsable):
+            yield Row(index, index, None, record.error)
+        else:
+            yield to_row(index, record, mode, token_logprobs)
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[Any, str | None]]:
+def jsonl_records(lines) -> Iterator[Any]:
+    """JSON values of non-blank lines (bytes or str); a line that is not JSON yields ``Unparsable``."""
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            yield json.loads(raw)
+        except RecursionError:
+            yield Unparsable(f"line {n}: not valid JSON: nested too deeply")
+        except (ValueError, UnicodeDecodeError) as e:
+            yield Unparsable(f"line {n}: not valid JSON: {e}")
+
+
+def _jsonl_records(path: Path) -> Iterator[Any]:
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                yield json.loads(raw), None
-            except (ValueError, UnicodeDecodeError) as e:
-                yield None, f"line {n}: not valid JSON: {e}"
+        yield from jsonl_records(f)
 
 
-def _parquet_records(path: Path) -> Iterator[tuple[Any, str | None]]:
+def _parquet_records(path: Path) -> Iterator[Any]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
@@ -84,7 +99,7 @@ def _parquet_records(path: Path) -> Iterator[tuple[Any, str | None]]:
         raise BatchInputError(f"cannot read {str(path)!r} as Parquet: {e}") from e
     for batch in pf.iter_batches(batch_size=4096):
         for record in batch.to_pylist():
-            yield {k: v for k, v in record.items() if v is not None}, None
+            yield {k: v for k, v in record.items() if v is not None}
 
 
 def to_row(index: int, record: Any, mode: str, token_logprobs: bool) -> Row:

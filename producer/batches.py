@@ -31,6 +31,7 @@ from db.session import openlora_home, session_scope
 from producer.batch_rows import MODES, Row
 
 DEFAULT_CHUNK_SIZE = 64
+BATCH_QUEUE = "openlora.batch"      # the Celery queue of batch-run tasks (worker.batch_tasks)
 FINAL = (BatchRunStatus.COMPLETED.value, BatchRunStatus.FAILED.value, BatchRunStatus.CANCELLED.value)
 _PART_RE = re.compile(r"^(\d{5,})-(\d+)-(\d+)\.jsonl$")
 
@@ -155,6 +156,11 @@ class BatchRuns:
             if only_from:
                 q = q.where(BatchRun.status.in_(only_from))
             return s.execute(q.values(**values)).rowcount == 1
+
+    def cancel(self, run_id: str) -> bool:
+        """Stop a run: its chunk tasks see it within a couple of seconds and cancel their jobs."""
+        return self.set_status(run_id, BatchRunStatus.CANCELLED.value, "cancelled",
+                               only_from=(BatchRunStatus.PENDING.value, BatchRunStatus.RUNNING.value))
 
     def finish(self, run_id: str) -> BatchRun:
         """Merge the parts into the output, in input order, once every chunk has one."""

@@ -95,26 +95,30 @@ def finish_run(_chunk_results, run_id: str) -> dict:
     return {"run": run_id, "status": run.status, "rows": run.done_rows, "failed": run.failed_rows}
 
 
-def dispatch(run_id: str, runs: BatchRuns | None = None) -> int:
+@app.task(name="openlora.dispatch_run", queue=BATCH_QUEUE, ignore_result=True)
+def dispatch_run(run_id: str) -> int:
+    """``dispatch`` run by a batch worker: what a long-lived producer (the API) sends, so that it
+    never waits on, nor subscribes to, the chord's results."""
+    return dispatch(run_id)
+
+
+def dispatch(run_id: str, runs: BatchRuns | None = None, celery_app=None) -> int:
     """Send the chunks of ``run_id`` that have no output yet, under a chord that finishes the run.
-    Running it again (a resume) sends only what is still missing. Returns the chunks sent."""
-    runs = runs or _runs()
+    Running it again (a resume) sends only what is still missing. Returns the chunks sent.
+    ``celery_app``: the app whose broker gets them (default: this module's, from ``REDIS_URL``)."""
+    runs, celery_app = runs or _runs(), celery_app or app
     run = runs.get(run_id)
     if run.status in FINAL:
         raise ValueError(f"run {run_id} is {run.status}; nothing to resume")
     pending = runs.pending_chunks(run)
+    finish = celery_app.signature("openlora.finish_run", args=(run_id,), queue=BATCH_QUEUE)
     if pending:
-        chord(group(score_chunk.si(run_id, c) for c in pending), finish_run.s(run_id)).apply_async()
+        chunks = [celery_app.signature("openlora.score_chunk", args=(run_id, c), queue=BATCH_QUEUE, immutable=True)
+                  for c in pending]
+        chord(group(chunks, app=celery_app), finish, app=celery_app).apply_async()
     else:
-        finish_run.apply_async(([], run_id))
+        celery_app.signature("openlora.finish_run", args=([], run_id), queue=BATCH_QUEUE).apply_async()
     return len(pending)
-
-
-def cancel(run_id: str, runs: BatchRuns | None = None) -> bool:
-    """Stop a run: its chunk tasks see it within a couple of seconds and cancel their jobs."""
-    runs = runs or _runs()
-    return runs.set_status(run_id, CANCELLED, "cancelled",
-                           only_from=(BatchRunStatus.PENDING.value, BatchRunStatus.RUNNING.value))
 
 
 # -- helpers ---------------------------------------------------------------------------------

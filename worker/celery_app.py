@@ -27,11 +27,11 @@ import os
 from celery import Celery, bootsteps
 from celery.worker.control import control_command
 
+from producer.batches import BATCH_QUEUE
 from worker.errors import OpenLoRAError
 
 log = logging.getLogger("openlora.worker")
 COMMANDS = ("stats", "load_adapter", "unload_adapter", "pin_adapter")
-BATCH_QUEUE = "openlora.batch"      # batch-run chunks: consumed by workers that need no GPU (see batch_tasks)
 _runtime = None     # the BackgroundRuntime of this worker process, once started
 
 
@@ -43,8 +43,8 @@ def make_app(redis_url: str | None = None) -> Celery:
                     worker_hijack_root_logger=False, broker_connection_retry_on_startup=True,
                     # a chunk task is long: take one at a time, so a dead worker holds no others
                     worker_prefetch_multiplier=1,
-                    task_routes={"openlora.score_chunk": {"queue": BATCH_QUEUE},
-                                 "openlora.finish_run": {"queue": BATCH_QUEUE}})
+                    task_routes={name: {"queue": BATCH_QUEUE} for name in
+                                 ("openlora.score_chunk", "openlora.finish_run", "openlora.dispatch_run")})
     return app
 
 
@@ -119,4 +119,4 @@ def control(command: str, *, celery_app: Celery | None = None, destination: list
                                                  timeout=timeout, destination=destination)
 
 
-import worker.batch_tasks  # noqa: E402,F401  (registers the batch-run tasks on ``app``)
+from worker import batch_tasks  # noqa: E402,F401  (registers the batch-run tasks on ``app``)

@@ -10,7 +10,6 @@ going; ``--status`` or ``openlora score --resume`` picks it up again.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -45,8 +44,7 @@ def cmd_score(args) -> int:
         if args.list:
             return _list(runs, args.tenant)
         if args.cancel:
-            from worker.batch_tasks import cancel
-            ok = cancel(args.cancel, runs)
+            ok = runs.cancel(args.cancel)
             print(f"run {args.cancel}: {'cancelled' if ok else 'already ' + runs.get(args.cancel).status}")
             return 0
         if args.status:

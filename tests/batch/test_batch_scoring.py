@@ -69,9 +69,10 @@ def read_output(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def fleet(start_worker):
-    # 16 in flight, of which at most 12 batch jobs; short batch prefill steps
+    # 16 in flight, of which at most 8 batch jobs; short batch prefill steps (on 2 shared CPU cores the
+    # engine thread, the runtime's event loop and the Celery workers compete: keep batch steps small)
     return start_worker("scorer", max_num_seqs=16,
-                        extra=["--engine-options", '{"low_priority_tokens": 128}']).wait_ready()
+                        extra=["--batch-share", "0.5", "--engine-options", '{"low_priority_tokens": 64}']).wait_ready()
 
 
 def ttft_ms(client, n: int, prompt: str = "the quick brown fox") -> list[float]:
@@ -93,7 +94,7 @@ def test_scoring_run_survives_a_killed_batch_worker_and_matches_the_engine(
     n_total = N_ROWS + 2
     bad.update({N_ROWS: "not valid JSON", N_ROWS + 1: "not valid JSON"})
     ttft_ms(client, 5)                                  # warm up the online path
-    idle = ttft_ms(client, 20)
+    idle = ttft_ms(client, 30)
 
     first = start_batch_worker("batch1")
     started = openlora(batch_env, "score", str(inp), "-o", str(out), "--chunk-size", "50", "--no-wait")
@@ -104,7 +105,7 @@ def test_scoring_run_survives_a_killed_batch_worker_and_matches_the_engine(
 
     # online jobs while the run scores
     during: list[float] = []
-    probe = threading.Thread(target=lambda: (time.sleep(0.5), during.extend(ttft_ms(client, 20))))
+    probe = threading.Thread(target=lambda: (time.sleep(0.5), during.extend(ttft_ms(client, 30))))
     probe.start()
     assert wait_until(lambda: runs.get(run_id).done_rows >= n_total // 2, timeout=240, every=0.05), \
         first.output()[-3000:]
@@ -132,7 +133,7 @@ def test_scoring_run_survives_a_killed_batch_worker_and_matches_the_engine(
     jobs = n_total - sum(1 for m in bad.values() if m in ("missing field 'prompt'", "not valid JSON")
                          or m.startswith("params."))
     assert wait_until(lambda: int(client.workers()[0]["completed"]) >= jobs, timeout=10)
-    assert int(client.workers()[0]["completed"]) == jobs + 45      # + the online probes
+    assert int(client.workers()[0]["completed"]) == jobs + 65      # + the online probes
 
     # values equal the engine's own scoring
     engine = reference.engine
@@ -158,7 +159,7 @@ def test_scoring_run_survives_a_killed_batch_worker_and_matches_the_engine(
         assert abs(lines[i]["logprob_sum"] - want) < 1e-4, (i, lines[i], want)
 
     # online time to first token while scoring stays within 2x of idle
-    assert len(during) == 20
+    assert len(during) == 30
     p50_idle, p50_busy = statistics.median(idle), statistics.median(during)
     print(f"TTFT p50 idle {p50_idle:.1f} ms, during scoring {p50_busy:.1f} ms")
     assert p50_busy <= 2 * p50_idle, (idle, during)
@@ -187,3 +188,82 @@ def test_cancel_stops_a_run_and_a_rerun_reports_nothing_to_resume(fleet, batch_e
     r = redis.Redis.from_url(batch_env["REDIS_URL"])
     assert wait_until(lambda: all(r.xlen(keys.jobs(keys.lane(s, -1))) == 0 for s in keys.ShardRouter().all_shards()),
                       timeout=20)                       # the cancelled jobs left the queues
+
+
+@pytest.fixture(scope="module")
+def batch_api(batch_env, redis_url, tiny, fleet):
+    """The HTTP API with a run database, in this process (run files where the batch workers see them)."""
+    import os
+    from producer.api import ApiSettings, create_app
+    from tests.api.conftest import Served
+    old_home = os.environ.get("OPENLORA_HOME")
+    os.environ["OPENLORA_HOME"] = batch_env["OPENLORA_HOME"]
+    model_dir, adapters = tiny
+    settings = ApiSettings(redis_url=redis_url, api_keys={"key-alice": "alice", "key-bob": "bob"},
+                           model_dir=str(model_dir), adapter_dirs=str(next(iter(adapters.values())).parent),
+                           database_url=batch_env["DATABASE_URL"], block_ms=100)
+    served = Served(create_app(settings))
+    yield served
+    served.stop()
+    if old_home is None:
+        os.environ.pop("OPENLORA_HOME", None)
+    else:
+        os.environ["OPENLORA_HOME"] = old_home
+
+
+def test_batches_over_http_are_per_tenant_and_match_the_engine(batch_api, start_batch_worker, reference):
+    import httpx
+    start_batch_worker("batch4", concurrency=2)
+    alice, bob = ({"Authorization": f"Bearer key-{who}"} for who in ("alice", "bob"))
+    rows, bad = make_rows(150, seed=2)
+    rows[7] = {"id": "hidden", "prompt": "x", "completion": " y", "adapter": "someone-elses"}
+    with httpx.Client(base_url=batch_api.url, timeout=30) as http:
+        r = http.post("/v1/batches", json={"input": rows, "mode": "loglik", "chunk_size": 16}, headers=alice)
+        assert r.status_code == 201, r.text
+        run = r.json()
+        assert run["status"] in ("pending", "running") and run["total_rows"] == 150 and run["chunks"] >= 150 // 16
+        assert wait_until(lambda: http.get(f"/v1/batches/{run['id']}", headers=alice).json()["status"] == "completed",
+                          timeout=120)
+        done = http.get(f"/v1/batches/{run['id']}", headers=alice).json()
+        assert done["done_rows"] == 150 and done["failed_rows"] == len(bad) + 1
+        out = http.get(done["output_url"], headers=alice)
+        assert out.status_code == 200 and out.headers["content-type"].startswith("application/jsonl")
+        lines = [json.loads(x) for x in out.text.splitlines()]
+        assert [x["index"] for x in lines] == list(range(150)) and lines[7]["id"] == "hidden"
+        assert "does not exist" in lines[7]["error"]
+        engine = reference.engine
+        ens = engine.ensemble([(a["id"], a["weight"]) for a in ENSEMBLE], "linear")
+        for i in [i for i in range(150) if i not in bad and i != 7][:40]:
+            adapter = rows[i].get("adapter") or (ens if "adapters" in rows[i] else None)
+            (want,) = engine.score([rows[i]["prompt"]], [rows[i]["completion"]], adapter)
+            assert abs(lines[i]["logprob_sum"] - want.logprob_sum) < 1e-4
+        # another tenant's run does not exist for bob, on every route
+        for method, path in [("GET", f"/v1/batches/{run['id']}"), ("GET", f"/v1/batches/{run['id']}/output"),
+                             ("POST", f"/v1/batches/{run['id']}/cancel")]:
+            assert http.request(method, path, headers=bob).status_code == 404
+        assert run["id"] not in http.get("/v1/batches", headers=bob).text
+        assert run["id"] in http.get("/v1/batches", headers=alice).text
+        assert http.get("/v1/batches", headers={"Authorization": "Bearer nope"}).status_code == 401
+        # JSONL bodies, generate mode; a cancelled run has no output
+        body = "\n".join(json.dumps({"prompt": "the quick", "adapter": "ad2", "params": {"max_tokens": 4,
+                                                                                         "temperature": 0}})
+                         for _ in range(3)) + "\nnot json\n"
+        r = http.post("/v1/batches?mode=generate&chunk_size=2", content=body,
+                      headers={**alice, "Content-Type": "application/jsonl"})
+        assert r.status_code == 201, r.text
+        gen = r.json()["id"]
+        assert wait_until(lambda: http.get(f"/v1/batches/{gen}", headers=alice).json()["status"] == "completed",
+                          timeout=60)
+        lines = [json.loads(x) for x in http.get(f"/v1/batches/{gen}/output", headers=alice).text.splitlines()]
+        want = reference("the quick", "ad2", max_tokens=4, temperature=0.0).text
+        assert [x.get("text") for x in lines[:3]] == [want] * 3 and "not valid JSON" in lines[3]["error"]
+        # bad requests are refused whole, with nothing created
+        for bad_body in [{"input": []}, {"input": rows[:2], "mode": "nope"}, {"input": rows[:2], "chunk_size": 0},
+                         {"rows": rows[:2]}, [1, 2]]:
+            assert http.post("/v1/batches", json=bad_body, headers=alice).status_code == 400, bad_body
+        r = http.post("/v1/batches", json={"input": rows[:40], "chunk_size": 1}, headers=bob)
+        assert r.status_code == 201
+        c = http.post(f"/v1/batches/{r.json()['id']}/cancel", headers=bob).json()
+        assert c["status"] in ("cancelled", "completed")
+        if c["status"] == "cancelled":
+            assert http.get(f"/v1/batches/{r.json()['id']}/output", headers=bob).status_code == 409
