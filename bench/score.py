@@ -102,7 +102,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=10_000)
     ap.add_argument("--adapters", type=int, default=64)
-    ap.add_argument("--caps", type=int, nargs="+", default=[256, 512, 2048])
+    ap.add_argument("--caps", type=int, nargs="+", default=[512, 2048, 4096, 8192])
+    ap.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens (tokens a step)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--batch-share", type=float, default=0.75)
     ap.add_argument("--max-loras", type=int, default=32)
@@ -112,14 +113,14 @@ def main() -> None:
     args = ap.parse_args()
     shape, device, dtype = (TINY, "cpu", torch.float32) if args.smoke else (LLAMA3_8B, "cuda", torch.bfloat16)
     if args.smoke:
-        args.rows, args.adapters, args.caps, args.max_loras, args.probe_every = 60, 6, [64], 4, 0.02
+        args.rows, args.adapters, args.caps, args.max_loras, args.probe_every, args.budget = 60, 6, [64], 4, 0.02, 256
         torch.set_num_threads(1)        # tiny ops: threads only contend
     rng = random.Random(0)
     copy = 1.0 if args.smoke else copy_bandwidth_TBps()
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(shape))
         engine = Engine(d, random_init=True, device=device, dtype=dtype, max_loras=args.max_loras, max_lora_rank=16,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=2048, max_model_len=512)
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.budget, max_model_len=512)
         names = random_adapters(engine, args.adapters)
         vocab = engine.model_config.vocab_size
         rows = make_rows(args.rows, args.adapters, vocab, rng, *(((8, 24), (2, 8)) if args.smoke else ()))
@@ -147,7 +148,7 @@ def main() -> None:
     if not args.smoke:
         path = write_result("score", results, args.out, copy_TBps=round(copy, 3), model="llama-3-8b-shaped (random)",
                             dtype="bfloat16", rank=16, adapters=args.adapters, max_num_seqs=args.max_num_seqs,
-                            batch_share=args.batch_share, max_loras=args.max_loras,
+                            batch_share=args.batch_share, max_loras=args.max_loras, max_num_batched_tokens=args.budget,
                             batch_vs_alone_max_dnats_per_token=worst)
         print(f"wrote {path}")
 

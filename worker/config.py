@@ -25,7 +25,8 @@ class EngineConfig:
     lora_backend: str = "auto"          # torch | triton | auto (triton on CUDA)
     attention_backend: str = "auto"     # torch | triton | auto
     starvation_steps: int = 8
-    low_priority_tokens: int = 512      # prefill tokens a step for requests below priority 0 (batch scoring)
+    low_priority_tokens: int = 2048     # prefill tokens a step for requests below priority 0 (batch scoring):
+                                        # on the H100 online TTFT stays ~1.2x idle at 2048, 2.4x at 8192
     host_cache_bytes: int = 8 << 30     # adapters kept in host memory (LRU); the rest reload from disk
     pinned_host_bytes: int = 1 << 30    # of which page-locked once at start-up (CUDA), for stall-free loads
     cuda_graphs: bool = True            # replay decode steps from captured graphs (CUDA only)
