@@ -90,11 +90,9 @@ def cmd_add(args) -> int:
 
 
 def _local_base_model(src: Path) -> str | None:
-    import json
-    try:
-        name = json.loads((src / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None          # register() reports what is wrong with the adapter
+    from db.adapter_check import CONFIG_FILE, check_source_dir, read_config
+    check_source_dir(src)        # a broken adapter is reported as what it is, as register() would
+    name = read_config(src / CONFIG_FILE).get("base_model_name_or_path")
     return name if name and (Path(name) / "config.json").is_file() else None
 
 

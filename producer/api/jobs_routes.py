@@ -1,14 +1,13 @@
 """Native routes: ``/v1/jobs`` (submit, idempotent on id), get, cancel; ``/healthz``; ``/metrics``."""
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from producer.api.errors import ApiError
+from producer.api.request_body import json_body
 from producer.api.service import JobService, job_state
 
 router = APIRouter()
@@ -18,19 +17,18 @@ router = APIRouter()
 async def submit_job(request: Request):
     service: JobService = request.app.state.service
     tenant = service.tenant(request.headers.get("authorization"))
-    try:
-        body = json.loads(await request.body())
-    except ValueError as e:
-        raise ApiError(400, f"malformed JSON body: {e}", None, "invalid_json") from e
+    body = await json_body(request)
     if not isinstance(body, dict):
         raise ApiError(400, "a job must be a JSON object", None, "invalid_json")
     if isinstance(body.get("adapter"), str):
-        await service.check_adapter(body["adapter"])
-    for a in body.get("adapters") or []:
+        await service.check_adapter(body["adapter"], "adapter", tenant)
+    for a in body.get("adapters") if isinstance(body.get("adapters"), list) else []:
         if isinstance(a, dict) and isinstance(a.get("id"), str):
-            await service.check_adapter(a["id"], "adapters")
+            await service.check_adapter(a["id"], "adapters", tenant)
     if isinstance(body.get("prompt"), str) and body["prompt"]:
         service.check_length(body["prompt"])
+    elif isinstance(body.get("input_ids"), list) and all(type(t) is int for t in body["input_ids"]):
+        service.check_length(body["input_ids"], "input_ids")
     handle = await service.submit(body, tenant, "jobs")
     return JSONResponse({"id": handle.id, "shard": handle.shard, "created": handle.created, "status": "queued"},
                         status_code=201 if handle.created else 200)

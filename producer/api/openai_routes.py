@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from producer.api import openai_format as fmt
 from producer.api.errors import ApiError
 from producer.api.openai_schema import ChatRequest, CompletionRequest
+from producer.api.request_body import json_body
 from producer.api.service import JobService
 from producer.errors import JobTimeoutError
 
@@ -20,11 +21,7 @@ router = APIRouter()
 
 
 async def read_body(request: Request, schema: type[BaseModel]):
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise ApiError(400, f"malformed JSON body: {e}", None, "invalid_json") from e
+    data = await json_body(request)
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
     try:
@@ -52,7 +49,7 @@ async def completions(request: Request):
     service: JobService = request.app.state.service
     tenant = service.tenant(request.headers.get("authorization"))
     req = await read_body(request, CompletionRequest)
-    adapter = await service.adapter_for_model(req.model)
+    adapter = await service.adapter_for_model(req.model, tenant)
     prompt_tokens = service.check_length(req.prompt)
     field = "input_ids" if isinstance(req.prompt, list) else "prompt"
     job = {"id": f"cmpl-{uuid.uuid4().hex}", "adapter": adapter, field: req.prompt,
@@ -71,7 +68,7 @@ async def chat_completions(request: Request):
     service: JobService = request.app.state.service
     tenant = service.tenant(request.headers.get("authorization"))
     req = await read_body(request, ChatRequest)
-    adapter = await service.adapter_for_model(req.model)
+    adapter = await service.adapter_for_model(req.model, tenant)
     try:
         prompt = service.info.render_chat(req.messages)
     except Exception as e:    # a template's raise_exception, or a template bug
@@ -91,12 +88,12 @@ async def chat_completions(request: Request):
 @router.get("/v1/models")
 async def models(request: Request):
     service: JobService = request.app.state.service
-    service.tenant(request.headers.get("authorization"))
+    tenant = service.tenant(request.headers.get("authorization"))
     base = service.settings.base_model
     now = int(time.time())
     data = [{"id": base, "object": "model", "created": now, "owned_by": "openlora", "root": base, "parent": None}]
     data += [{"id": a, "object": "model", "created": now, "owned_by": "openlora", "root": a, "parent": base}
-             for a in sorted(await service.known_adapters())]
+             for a in sorted(await service.known_adapters(tenant))]
     return {"object": "list", "data": data}
 
 

@@ -12,6 +12,8 @@ from producer.api.openai_schema import Message
 class BaseModelInfo:
     def __init__(self, model_dir: str | None):
         self.tokenizer, self.template, self.max_context = None, None, None
+        self.max_token_chars: int | None = None
+        self.vocab_size: int | None = None
         self.bos, self.eos = "", ""
         if model_dir is None:
             return
@@ -19,11 +21,20 @@ class BaseModelInfo:
         if (d / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
             self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+            # no token spans more characters than its vocabulary entry (x2 for normalizers)
+            self.max_token_chars = 2 * max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)))
         cfg = _read_json(d / "tokenizer_config.json")
         self.template = cfg.get("chat_template")
         self.bos, self.eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
         model_cfg = _read_json(d / "config.json")
         self.max_context = model_cfg.get("max_position_embeddings")
+        self.vocab_size = model_cfg.get("vocab_size")
+
+    def surely_too_long(self, prompt: str) -> bool:
+        """Over the context by its length alone: encoding megabytes of text would block the API for
+        seconds and take gigabytes, to learn what the length already tells."""
+        return (self.max_context is not None and self.max_token_chars is not None
+                and len(prompt) > self.max_context * self.max_token_chars)
 
     def count(self, prompt: str | list[int]) -> int | None:
         if isinstance(prompt, list):

@@ -1,15 +1,14 @@
 """Read and validate a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
-Everything is checked against the base model before an adapter is accepted:
-a config that parses, safetensors weights (pickles are refused, never
-unpickled), known target modules, shapes that match, ranks within the limit,
+Everything is checked against the base model before an adapter is accepted,
+with the registry's rules (``db.adapter_check``): a config that parses,
+safetensors weights (pickles are refused, never unpickled), known target
+modules, shapes that match, ranks within the limit and equal to the config's,
 finite values. Errors name the file and what is wrong.
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,9 @@ import torch
 import safetensors.torch
 from safetensors import SafetensorError
 
+from db.adapter_check import (CONFIG_FILE, MAX_WEIGHT_ABS, PICKLE_SUFFIXES, WEIGHTS_FILE, AdapterValidationError,
+                              BaseModelShape, check_inside, check_tensors, module_path, pattern_value, read_config,
+                              read_limited, read_safetensors_header)
 from worker.errors import AdapterError
 from worker.model.config import ModelConfig
 
@@ -25,8 +27,6 @@ MODULE_SLICES = {
     "q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
     "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0),
 }
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 
 
 @dataclass
@@ -91,96 +91,64 @@ def pin_packed(adapter: LoRAAdapter, pin: bool = True, arena=None) -> LoRAAdapte
 
 def load_peft_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int,
                       dtype: torch.dtype = torch.float32) -> LoRAAdapter:
-    """Load and validate the adapter at ``path`` for the base model ``cfg``; raises AdapterError."""
+    """Load and validate the adapter at ``path`` for the base model ``cfg``; raises AdapterError.
+
+    The files pass the registry's rules first (``db.adapter_check``: no symlink out of the
+    directory, the config, the safetensors header, tensor names, shapes and ranks), so nothing
+    is read in full before its size is known; then the values are checked with torch.
+    """
     root = Path(path)
     if not root.is_dir():
         raise AdapterError(f"adapter {name!r}: {root} is not a directory")
-    conf = _read_config(name, root)
-    weights = root / "adapter_model.safetensors"
+    config, weights = root / CONFIG_FILE, root / WEIGHTS_FILE
+    for p in (config, weights):
+        _checked(name, check_inside, root, p)
+    if not config.is_file():
+        raise AdapterError(f"adapter {name!r}: {CONFIG_FILE} is missing in {root}")
+    conf = _checked(name, read_config, config)
     if not weights.is_file():
         pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
             raise AdapterError(f"adapter {name!r}: weights are pickled ({', '.join(pickles)}); pickles can run code "
-                               "and are refused: convert the adapter to adapter_model.safetensors")
-        raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors in {root}")
-    tensors = _read_safetensors(name, weights)
+                               f"and are refused: convert the adapter to {WEIGHTS_FILE}")
+        raise AdapterError(f"adapter {name!r}: no {WEIGHTS_FILE} in {root}")
+    info, data_start = _checked(name, read_safetensors_header, weights)
+    base = BaseModelShape(name="the base model", num_layers=cfg.num_layers, module_shapes=cfg.module_shapes())
+    pairs = _checked(name, check_tensors, info, conf, base, max_rank)
+    size = data_start + sum(t.end - t.begin for t in info.values())
+    tensors = _read_safetensors(name, weights, size)
+    if set(tensors) != set(info):
+        raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} changed while it was being loaded; try again")
     adapter = LoRAAdapter(name=name, path=str(root), base_model=conf.get("base_model_name_or_path"))
-    shapes = cfg.module_shapes()
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    groups: dict[tuple[int, str], str] = {}
-    for key, t in tensors.items():
-        m = _KEY.match(key)
-        if not m:
-            raise AdapterError(f"adapter {name!r}: tensor {key!r} is not a LoRA A/B weight of a known layer "
-                               "(embedding LoRA, modules_to_save and biases are not supported)")
-        layer, module, ab = int(m.group(1)), m.group(3), m.group(4)
-        groups[(layer, module)] = m.group(2)
-        if module not in shapes:
-            raise AdapterError(f"adapter {name!r}: target module {module!r} is not supported "
-                               f"(supported: {', '.join(shapes)})")
-        if layer >= cfg.num_layers:
-            raise AdapterError(f"adapter {name!r}: layer {layer} does not exist (base model has {cfg.num_layers})")
-        pairs.setdefault((layer, module), {})[ab] = t
-    if not pairs:
-        raise AdapterError(f"adapter {name!r}: {weights.name} holds no LoRA weights")
-    for (layer, module), ab in sorted(pairs.items()):
+    for (layer, module), pair in sorted(pairs.items()):
         where = f"adapter {name!r}: layers.{layer}.{module}"
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{where} has lora_{''.join(ab)} but not its pair")
-        a, b = ab["A"], ab["B"]
-        fan_in, fan_out = shapes[module]
-        r = a.shape[0] if a.dim() == 2 else -1
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape[0] != fan_out or b.shape[1] != r:
-            raise AdapterError(f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not match the base "
-                               f"model (expected A [r, {fan_in}] and B [{fan_out}, r])")
-        if r < 1 or r > max_rank:
-            raise AdapterError(f"{where}: rank {r} is over the server's limit {max_rank} (max_lora_rank)")
-        if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
-            raise AdapterError(f"{where}: weights must be floating point, got {a.dtype} / {b.dtype}")
+        a, b = tensors[pair.a], tensors[pair.b]
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(f"{where}: weights contain NaN or Inf")
-        alpha = _pattern(conf.get("alpha_pattern") or {}, f"model.layers.{layer}.{groups[(layer, module)]}.{module}",
-                         conf.get("lora_alpha", r))
-        scaling = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
+        if max(a.abs().max().item(), b.abs().max().item()) > MAX_WEIGHT_ABS:
+            raise AdapterError(f"{where}: weights beyond +-{MAX_WEIGHT_ABS:g} (float16's range): they are corrupt")
+        alpha = pattern_value(conf.get("alpha_pattern"), module_path(layer, pair.group, module),
+                              conf.get("lora_alpha", 8))
+        scaling = alpha / math.sqrt(pair.rank) if conf.get("use_rslora") else alpha / pair.rank
         adapter.modules[(layer, module)] = LoRAModule(a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(),
                                                       scaling=float(scaling))
     return adapter
 
 
-def _read_config(name: str, root: Path) -> dict:
-    path = root / "adapter_config.json"
-    if not path.is_file():
-        raise AdapterError(f"adapter {name!r}: adapter_config.json is missing in {root}")
+def _checked(name: str, check, *args):
+    """``check(*args)``, its AdapterValidationError (the registry's) raised as the worker's AdapterError."""
     try:
-        conf = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON: {e}") from e
-    if not isinstance(conf, dict):
-        raise AdapterError(f"adapter {name!r}: adapter_config.json must hold a JSON object")
-    if conf.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"adapter {name!r}: peft_type {conf.get('peft_type')!r} is not supported (only LORA)")
-    for flag, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out"), ("modules_to_save", "modules_to_save")):
-        if conf.get(flag):
-            raise AdapterError(f"adapter {name!r}: {what} is not supported")
-    if conf.get("bias", "none") != "none":
-        raise AdapterError(f"adapter {name!r}: bias={conf['bias']!r} is not supported (only 'none')")
-    alpha = conf.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterError(f"adapter {name!r}: lora_alpha must be a number, got {alpha!r}")
-    return conf
+        return check(*args)
+    except AdapterValidationError as e:
+        raise AdapterError(f"adapter {name!r}: {e}") from e
 
 
-def _read_safetensors(name: str, path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(name: str, path: Path, size: int) -> dict[str, torch.Tensor]:
     try:
         # a plain read releases the GIL while the disk works (safetensors' own reader holds it, which
         # stalled the decode thread for the whole read); parsing from memory is then a memcpy
-        return safetensors.torch.load(path.read_bytes())
+        return safetensors.torch.load(read_limited(path, size, path.name))
+    except AdapterValidationError as e:
+        raise AdapterError(f"adapter {name!r}: {path.name} changed while it was being loaded ({e})") from e
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterError(f"adapter {name!r}: {path.name} is not a readable safetensors file: {e}") from e
-
-
-def _pattern(patterns: dict, module_path: str, default: float) -> float:
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module_path):
-            return value
-    return default

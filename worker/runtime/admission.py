@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -10,6 +11,8 @@ from worker.runtime.adapter_dirs import AdapterDirectory
 from worker.runtime.config import RuntimeConfig
 from worker.runtime.engine_thread import EngineRequest
 from worker.runtime.job_state import RunningJob, sampling_params
+
+log = logging.getLogger("openlora.worker")
 
 
 @dataclass
@@ -46,9 +49,10 @@ class AdapterLoader:
         self._loads: dict[str, asyncio.Future] = {}
 
     async def load(self, name: str):
-        path = self.directory.resolve(name)
+        path = await asyncio.to_thread(self.directory.resolve, name)     # may ask the registry's database
         if path is None:
-            raise AdapterError(f"unknown adapter {name!r}: not loaded on this worker and not in its adapter directory")
+            raise AdapterError(f"unknown adapter {name!r}: not loaded on this worker, not in its adapter directory "
+                               "nor in the registry")
         if name not in self._loads:
             from worker.lora.peft_format import load_peft_adapter
             e = self.engine
@@ -69,6 +73,9 @@ async def engine_request(rj: RunningJob, held: set[str], loader: AdapterLoader) 
         loras = tuple([await loader.load(n) for n in names if n not in held])
     except AdapterError as e:
         return Refusal("error", str(e))
+    except Exception as e:      # a validator's bug must fail the job, not leave it running forever
+        log.exception("loading adapter(s) %s for job %s failed", names, rj.id)
+        return Refusal("error", f"adapter(s) {', '.join(names)} could not be loaded: {type(e).__name__}: {e}")
     ensemble = None
     if job.is_ensemble:
         strategy = "linear" if job.merge == "cat" else job.merge
