@@ -140,6 +140,7 @@ class LocalStore(AdapterStore):
 
     def commit(self, staged: StagedAdapter, tenant: str | None, adapter_id: str, version: int) -> StoredAdapter:
         final = self.version_dir(tenant, adapter_id, version)
+        self._no_symlink_below_root(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             # No row points here (the registry just handed out this version): a crash's leftover.
@@ -165,12 +166,22 @@ class LocalStore(AdapterStore):
 
     def delete_adapter(self, tenant: str | None, adapter_id: str) -> None:
         path = self.adapter_dir(tenant, adapter_id)
+        self._no_symlink_below_root(path.parent)
         if path.exists():
             trash = self._tmp / f"deleted-{uuid.uuid4().hex}"
             self._tmp.mkdir(parents=True, exist_ok=True)
             os.rename(path, trash)          # gone from view at once, then removed
             shutil.rmtree(trash, ignore_errors=True)
         self._prune_empty(path.parent)
+
+    def _no_symlink_below_root(self, path: Path) -> None:
+        """Refuse to write through a symlink planted in the store (it could point anywhere)."""
+        for p in (path, *path.parents):
+            if p == self.root:
+                return
+            if p.is_symlink():
+                raise ValueError(f"{p} is a symlink; refusing to write an adapter outside the store {self.root}")
+        raise ValueError(f"{path} is not inside the store at {self.root}")
 
     def _inside(self, uri: str) -> Path:
         path = resolve_source(uri).resolve()

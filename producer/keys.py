@@ -19,6 +19,15 @@ _SHARD_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 # -- per shard -------------------------------------------------------------------------------
+LOW_LANE = ".low"                      # suffix of a shard's lane for jobs below priority 0 (batch scoring)
+
+
+def lane(shard: str, priority: int) -> str:
+    """The stream name a job of ``priority`` enters in ``shard``: its own stream, or (below 0) the
+    shard's low-priority lane, which workers read only with capacity to spare."""
+    return shard + LOW_LANE if priority < 0 else shard
+
+
 def jobs(shard: str) -> str:
     """Stream of queued jobs (field ``job`` = the job JSON)."""
     return f"{PREFIX}:{{{shard}}}:jobs"
@@ -106,6 +115,11 @@ class ShardRouter:
             return self.overrides[adapter]
         h = int.from_bytes(hashlib.blake2b(adapter.encode(), digest_size=8).digest(), "big")
         return f"g{h % self.num_shards}"
+
+    def all_lanes(self) -> list[str]:
+        """Every stream workers read: each shard and its low-priority lane."""
+        shards = self.all_shards()
+        return shards + [s + LOW_LANE for s in shards]
 
     def all_shards(self) -> list[str]:
         hashed = [f"g{i}" for i in range(self.num_shards)]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from producer.keys import DEFAULT_NUM_SHARDS, ShardRouter
 from worker.errors import OpenLoRAError
-from worker.runtime.adapter_dirs import AdapterDirectory
+from worker.runtime.adapter_dirs import AdapterDirectory, RegistryLookup
 
 
 @dataclass
@@ -74,7 +74,8 @@ class RuntimeConfig:
         e = env.get
         p.add_argument("--model-dir", default=e("OPENLORA_MODEL_DIR"), required=not e("OPENLORA_MODEL_DIR"))
         p.add_argument("--redis-url", default=e("REDIS_URL", cls.redis_url))
-        p.add_argument("--database-url", default=e("DATABASE_URL"), help="record token usage there")
+        p.add_argument("--database-url", default=e("DATABASE_URL"),
+                       help="record token usage there, and find registered adapters (files in $OPENLORA_STORE)")
         p.add_argument("--fleet", default=e("OPENLORA_FLEET", cls.fleet))
         p.add_argument("--worker-id", default=e("OPENLORA_WORKER_ID"))
         p.add_argument("--device", default=e("OPENLORA_DEVICE", cls.device))
@@ -87,6 +88,8 @@ class RuntimeConfig:
         p.add_argument("--adapter-dirs", default=e("OPENLORA_ADAPTER_DIRS", ""),
                        help="JSON {name: path}, name=path,..., or a root folder whose subfolders are adapters")
         p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
+        p.add_argument("--adapter-store", default=e("OPENLORA_STORE") or None,
+                       help="the registry's store root (default $OPENLORA_HOME/store); used with --database-url")
         p.add_argument("--preload", default=e("OPENLORA_PRELOAD", ""), help="comma-separated adapter ids")
         p.add_argument("--shards", type=int, default=int(e("OPENLORA_SHARDS", DEFAULT_NUM_SHARDS)))
         p.add_argument("--shard-map", default=e("OPENLORA_SHARD_MAP", "{}"), help="JSON {adapter: shard}")
@@ -101,6 +104,8 @@ class RuntimeConfig:
             options, shard_map = json.loads(a.engine_options), json.loads(a.shard_map)
         except (ValueError, TypeError) as err:
             raise OpenLoRAError(f"bad worker configuration: {err}") from err
+        if a.database_url:           # adapters registered through the API or the CLI, from their store
+            adapters.registry = RegistryLookup(a.database_url, a.adapter_store)
         extra = {"worker_id": a.worker_id} if a.worker_id else {}
         return cls(model_dir=a.model_dir, redis_url=a.redis_url, database_url=a.database_url, fleet=a.fleet, device=a.device, dtype=a.dtype,
                    max_num_seqs=a.max_num_seqs, batch_share=a.batch_share, max_loras=a.max_loras, engine_options=options, adapters=adapters,
