@@ -27,6 +27,8 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_QUEUE_LIMIT = 10_000          # jobs (queued + running) per shard before submit refuses
 DEFAULT_SUBMIT_TTL_S = 24 * 3600      # how long a job id stays taken (idempotency window)
 CANCEL_TTL_S = 24 * 3600
+OUTAGE_S = 60.0                       # how long reads ride out an unreachable Redis (a restart) before raising
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 
 
 @dataclass
@@ -108,16 +110,16 @@ class Client:
         """Block until the job is finished; follows its replay stream instead of polling."""
         end = None if timeout is None else time.monotonic() + timeout
         key = keys.replay(job_id)
-        last = self.redis.xrevrange(key, count=1)
+        last = self._read(self.redis.xrevrange, key, count=1)
         last_id = text(last[0][0]) if last else "0-0"
         while True:
-            res = self.result(job_id)
+            res = self._read(self.result, job_id)
             if res is not None:
                 return res
             if last and is_final(last[0][1]):     # the result lands in the same transaction
                 raise JobNotFoundError(f"job {job_id!r} finished but its result has expired")
             block = self._block_ms(end, job_id)
-            reply = self.redis.xread({key: last_id}, count=1000, block=block)
+            reply = self._read(self.redis.xread, {key: last_id}, count=1000, block=block)
             for _, entries in reply or ():
                 if entries:
                     last = entries[-1:]
@@ -128,18 +130,18 @@ class Client:
         end = None if timeout is None else time.monotonic() + timeout
         key, cur = keys.replay(job_id), ChunkCursor(from_seq)
         while not cur.done:                                  # replay
-            entries = self.redis.xrange(key, min=f"({cur.last_id}", count=512)
+            entries = self._read(self.redis.xrange, key, min=f"({cur.last_id}", count=512)
             if not entries:
                 break
             yield from cur.feed(entries)
         while not cur.done:                                  # follow
-            reply = self.redis.xread({key: cur.last_id}, count=512, block=self._block_ms(end, job_id))
+            reply = self._read(self.redis.xread, {key: cur.last_id}, count=512, block=self._block_ms(end, job_id))
             if reply:
                 for _, entries in reply:
                     yield from cur.feed(entries)
                 continue
-            res = self.result(job_id)
-            if res is not None and not self.redis.xrange(key, min=f"({cur.last_id}", count=1):
+            res = self._read(self.result, job_id)
+            if res is not None and not self._read(self.redis.xrange, key, min=f"({cur.last_id}", count=1):
                 yield cur.from_result(res)
 
     def cancel(self, job_id: str) -> bool:
@@ -170,6 +172,19 @@ class Client:
 
     def close(self) -> None:
         self.redis.close()
+
+    @staticmethod
+    def _read(fn, *args, **kw):
+        """A read that rides out a Redis restart: connection errors are retried for up to ``OUTAGE_S``."""
+        end, backoff = time.monotonic() + OUTAGE_S, 0.05
+        while True:
+            try:
+                return fn(*args, **kw)
+            except TRANSIENT:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
 
     def _block_ms(self, end: float | None, job_id: str) -> int:
         if end is None:

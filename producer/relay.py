@@ -5,10 +5,11 @@
     -> {"type": "result", ...the JobResult...}, then close 1000
 
 Authenticates like the API (``Authorization: Bearer`` or ``?api_key=``); another tenant's job
-is a 404. The replay stream is the gap-free copy (XRANGE, then XREAD BLOCK), and ``ChunkCursor``
-drops what the client already has, so a reconnect or a worker's re-run shows no duplicate or gap.
-Errors close the socket with 4400 (bad ``after``), 4401 (auth) or 4404 (no such job), after a
-``{"type": "error", ...}`` message.
+is a 404. The replay stream is the gap-free copy (XRANGE, then one XREAD BLOCK shared by every
+client: ``StreamHub``), and ``ChunkCursor`` drops what the client already has, so a reconnect or
+a worker's re-run shows no duplicate or gap; a Redis restart only pauses the stream.
+Errors close the socket with 4400 (bad ``after``), 4401 (auth), 4404 (no such job) or 4429 (the
+tenant's rate limit), after a ``{"type": "error", ...}`` message; 1013 while Redis is unreachable.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from redis.exceptions import RedisError
 
+from producer.api.auth import install_log_redaction
 from producer.api.errors import ApiError, error_body
 from producer.api.service import JobService
 from producer.api.settings import ApiSettings
@@ -27,6 +30,7 @@ from producer.protocol import Chunk
 
 def create_relay_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings.from_env()
+    install_log_redaction()          # ?api_key= is in the paths uvicorn logs
     service = JobService(settings)
 
     @asynccontextmanager
@@ -52,10 +56,17 @@ async def relay_job(websocket: WebSocket, job_id: str):
     try:
         tenant = service.tenant(websocket.headers.get("authorization"), websocket.query_params.get("api_key"))
         after = _after(websocket.query_params.get("after"))
+        wait = await service.limits.take(tenant)
+        if wait is not None:
+            raise service.limits.refusal(tenant, wait)
         await service.check_owner(job_id, tenant)
     except ApiError as e:
         await websocket.send_json({"type": "error", **error_body(e.status, e.message, e.param, e.code)})
         await websocket.close(code=4000 + e.status, reason=e.message[:120])
+        return
+    except RedisError as e:            # Redis restarting: the client should come back (1013 = try again later)
+        await websocket.send_json({"type": "error", **error_body(503, f"redis unavailable: {e}", None, "unavailable")})
+        await websocket.close(code=1013, reason="redis unavailable")
         return
     gone = asyncio.create_task(_until_disconnect(websocket))
     forward = asyncio.create_task(_forward(websocket, service, job_id, after))
@@ -79,7 +90,7 @@ async def _forward(websocket: WebSocket, service: JobService, job_id: str, after
                 break
     finally:
         await chunks.aclose()
-    res = await service.client.result(job_id)
+    res = await service.client.hub.result(job_id)
     await websocket.send_text(json.dumps({"type": "result", **(asdict(res) if res else {"id": job_id})}))
 
 

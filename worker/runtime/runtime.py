@@ -40,6 +40,7 @@ class WorkerRuntime:
         self.exit_code = 0
         self.completed = 0
         self._rr = 0
+        self._reclaim_due = False     # upkeep found it time to look for a dead worker's jobs
         self._tasks: set[asyncio.Task] = set()
         self.usage = UsageLedger(cfg.database_url) if cfg.database_url else None
         self.cache_stats: dict[str, int] = {}       # the engine's adapter-cache counters, for the heartbeat
@@ -119,6 +120,10 @@ class WorkerRuntime:
                     except asyncio.TimeoutError:
                         pass
                     continue
+                if self._reclaim_due:         # a dead worker's jobs first: under load, free room
+                    free -= await self._reclaim(free)     # never lasts until the next upkeep tick
+                    if free <= 0:
+                        continue
                 own = self.own_shards()
                 got = await self._pull_round(own, [s for s in self.router.all_shards() if s not in own], free)
                 low_free = min(free, self._low_capacity())
@@ -336,11 +341,18 @@ class WorkerRuntime:
         running = [rj.id for rj in live if rj.state in ("submitted", "running")]
         for job_id in await self.queues.cancelled(running) if running else []:
             self._abort(job_id, "cancelled")
-        free = self.cfg.max_num_seqs - len(self.jobs)
+        self._reclaim_due = True          # the pull loop reclaims, before it pulls new jobs
+
+    async def _reclaim(self, free: int) -> int:
+        """Take over jobs idle past the heartbeat TTL (their worker died), up to ``free``; while that
+        fills ``free`` there may be more, so the reclaim stays due."""
+        self._reclaim_due, got = False, 0            # (not due again after an error: upkeep re-arms it)
         for shard in self._rotate(self.router.all_lanes()):
-            if self.stopping or free <= 0:
+            if self.stopping or got >= free:
                 break
-            free -= self._accept(await self.queues.reclaim(shard, free))
+            got += self._accept(await self.queues.reclaim(shard, free - got))
+        self._reclaim_due = got >= free
+        return got
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -5,11 +5,15 @@ job is never acknowledged without its result, nor has a result and stays queued.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 
 import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import keys
 from producer.cursor import field, text
@@ -17,6 +21,9 @@ from producer.protocol import Chunk, JobResult
 from producer.scripts import PUBLISH_CHUNK
 from worker.runtime.config import RuntimeConfig
 from worker.runtime.job_state import Delivery
+
+log = logging.getLogger("openlora.worker")
+OUTAGE_S = 60.0          # how long writes ride out an unreachable Redis before the job is left for reclaim
 
 
 class ShardQueues:
@@ -74,10 +81,23 @@ class ShardQueues:
         return {s: int(text(e[0][0]).split("-")[0]) / 1000 for s, e in zip(last, firsts) if e}
 
     async def reclaim(self, shard: str, count: int) -> list[Delivery]:
-        """Take over entries idle past the heartbeat TTL (their worker died), with delivery counts."""
+        """Take over entries idle past the heartbeat TTL (their worker died), with delivery counts.
+
+        XPENDING IDLE finds them anywhere in the pending list; XAUTOCLAIM from 0-0 with a small
+        COUNT only looks at the first 10*COUNT entries, which under load are live workers' — the
+        dead worker's jobs behind them were never found."""
         key = keys.jobs(shard)
-        reply = await self.redis.xautoclaim(key, self.group, self.me, self.cfg.reclaim_idle_ms, "0-0", count=count)
-        entries = [(text(eid), f) for eid, f in reply[1] if f is not None]
+        try:
+            idle = await self.redis.xpending_range(key, self.group, min="-", max="+", count=count,
+                                                   idle=self.cfg.reclaim_idle_ms)
+            claimed = await self.redis.xclaim(key, self.group, self.me, self.cfg.reclaim_idle_ms,
+                                              [e["message_id"] for e in idle]) if idle else []
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            await self.ensure_group(shard)     # Redis lost the stream or its group (a restart without AOF)
+            return []
+        entries = [(text(eid), f) for eid, f in claimed if f is not None]
         if not entries:
             return []
         async with self.redis.pipeline(transaction=False) as p:
@@ -105,6 +125,9 @@ class ShardQueues:
 
     async def preflight(self, job_id: str) -> tuple[bool, bool, list[Chunk]]:
         """(result already written, cancel requested, chunks already in the replay stream)."""
+        return await _riding_out_outage(self._preflight_once, job_id)
+
+    async def _preflight_once(self, job_id: str) -> tuple[bool, bool, list[Chunk]]:
         async with self.redis.pipeline(transaction=False) as p:
             p.exists(keys.result(job_id))
             p.exists(keys.cancel_flag(job_id))
@@ -124,14 +147,19 @@ class ShardQueues:
                     dead: list[tuple[Delivery, str]] = (), drop: list[Delivery] = ()) -> None:
         """In one transaction: a step's chunks; the ends of finished jobs (last chunk, result, ack);
         dead letters; and entries to drop unread (ack only). Re-running it is harmless: chunks
-        dedupe by seq, results and acks are idempotent."""
+        dedupe by seq, the first result stays, acks are idempotent — so while Redis is unreachable (a restart)
+        it is retried, for up to ``OUTAGE_S``: a step's chunks dropped would leave clients a gap."""
+        await _riding_out_outage(self._write_once, chunks, finished, dead, drop)
+
+    async def _write_once(self, chunks, finished, dead, drop) -> None:
         for _ in range(2):
             async with self.redis.pipeline(transaction=True) as p:
                 for job_id, c in chunks:
                     self._publish(p, job_id, c)
                 for d, res, c in finished:
                     self._publish(p, res.id, c)
-                    p.hset(keys.result(res.id), mapping=res.to_hash())
+                    for name, value in res.to_hash().items():   # the first end wins, as for the final
+                        p.hsetnx(keys.result(res.id), name, value)  # chunk: a zombie's late end is dropped
                     p.expire(keys.result(res.id), self.cfg.result_ttl_s)
                     p.delete(keys.cancel_flag(res.id))
                 for d, reason in dead:
@@ -167,6 +195,20 @@ class ShardQueues:
     async def leave(self) -> None:
         await self.redis.delete(keys.worker(self.group, self.me))
         await self.redis.srem(keys.workers(self.group), self.me)
+
+
+async def _riding_out_outage(fn, *args):
+    """``fn(*args)``, retried on connection errors (Redis restarting) for up to ``OUTAGE_S``."""
+    end, backoff = time.monotonic() + OUTAGE_S, 0.05
+    while True:
+        try:
+            return await fn(*args)
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            if time.monotonic() > end:
+                raise
+            log.warning("redis unreachable (%s); retrying in %.2f s", e, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(1.0, backoff * 2)
 
 
 def _job_field(fields) -> str | None:
