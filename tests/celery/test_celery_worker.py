@@ -51,9 +51,13 @@ def celery_worker(redis_url, tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ctl(redis_url):
+def ctl(redis_url, celery_worker):
     from worker.celery_app import control, make_app
     app = make_app(redis_url)
+    # the runtime's heartbeat can come before Celery's consumer listens for control: a broadcast sent
+    # earlier reaches no one, so wait until the node answers a ping
+    assert wait_until(lambda: app.control.ping(destination=[NODE], timeout=0.5), timeout=60, every=0.2), \
+        celery_worker[1].read_text()[-3000:]
 
     def call(command, **kw):
         replies = control(command, celery_app=app, destination=[NODE], timeout=30, **kw)
