@@ -165,6 +165,36 @@ def test_scoring_run_survives_a_killed_batch_worker_and_matches_the_engine(
     assert p50_busy <= 2 * p50_idle, (idle, during)
 
 
+def test_a_fleet_worker_killed_mid_run_loses_no_row(fleet, start_worker, client, rds, batch_env, start_batch_worker,
+                                                   reference, tmp_path):
+    """SIGKILL one of two fleet workers while a run scores: the other reclaims its jobs, and the output
+    is complete, in order, each row once, with the engine's values."""
+    rows, bad = make_rows(600, seed=3)
+    inp, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, rows)
+    doomed = start_worker("scorer-b", max_num_seqs=16, extra=["--batch-share", "1.0"]).wait_ready()
+    start_batch_worker("batch5", concurrency=4)
+    started = openlora(batch_env, "score", str(inp), "-o", str(out), "--chunk-size", "25", "--no-wait")
+    run_id = started.stdout.split()[1].rstrip(":")
+    runs = BatchRuns(make_engine(batch_env["DATABASE_URL"]), batch_env["OPENLORA_HOME"])
+    lanes = [keys.jobs(keys.lane(sh, -1)) for sh in keys.ShardRouter().all_shards()]
+
+    def held() -> int:                                  # entries scorer-b took and has not acknowledged
+        return sum(c["pending"] for lane in lanes if rds.exists(lane)
+                   for c in rds.xpending(lane, "default")["consumers"] if c["name"] == b"scorer-b")
+    assert wait_until(lambda: runs.get(run_id).done_rows > 0 and held() > 0, timeout=120, every=0.01)
+    doomed.kill()                                       # mid-run, holding jobs
+    assert wait_until(lambda: runs.get(run_id).status == "completed", timeout=180), runs.get(run_id)
+    lines = read_output(out)
+    assert [ln["index"] for ln in lines] == list(range(600)) and [ln["id"] for ln in lines] == [r["id"] for r in rows]
+    reruns = [client.result(f"batch:{run_id}:{i}") for i in range(600) if i not in bad]
+    assert any(r.attempts == 2 for r in reruns if r is not None)      # the kill did catch jobs in flight
+    engine = reference.engine
+    for i in [i for i in range(600) if i not in bad and "adapters" not in rows[i]][::10]:
+        (want,) = engine.score([rows[i]["prompt"]], [rows[i]["completion"]], rows[i].get("adapter"))
+        assert abs(lines[i]["logprob_sum"] - want.logprob_sum) < 1e-4, (i, lines[i])
+
+
 def test_cancel_stops_a_run_and_a_rerun_reports_nothing_to_resume(fleet, batch_env, start_batch_worker, tmp_path):
     rows, _ = make_rows(600, seed=1)
     inp, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
