@@ -49,6 +49,7 @@ class Seen:
     recv: list[tuple[int, float]] = field(default_factory=list)                         # seq, unix time
     result: dict | None = None
     reconnects: int = 0
+    cuts: int = 0                   # hang-ups done (a planned cut never comes when the job ends first)
     errors: list[str] = field(default_factory=list)
     hung: bool = False
 
@@ -212,6 +213,7 @@ class LoadRun:
                             after, n = msg["end"], n + 1
                             if cut is not None and n >= cut and not msg.get("finish_reason"):
                                 cut = None
+                                s.cuts += 1
                                 break                          # hang up mid-stream; reconnect below
                         elif msg["type"] == "result":
                             s.result = msg

@@ -52,7 +52,7 @@ def score(run: LoadRun, scenario: str, wall_s: float, *, pubsub_lossy: bool = Fa
     replay = replay_entries(run.redis_url, ids)
     submitted = [p for p in run.plans if run.seen[p.id].submitted]
     reasons: Counter = Counter()
-    completed = lost = dups = missing = errors = reconnects = hung = reruns = 0
+    completed = lost = dups = missing = errors = reconnects = cuts = hung = reruns = 0
     replay_dup = replay_gap = pub_dup = pub_gap = mismatch = 0
     latency, ttfc = [], []
     for p in submitted:
@@ -60,6 +60,7 @@ def score(run: LoadRun, scenario: str, wall_s: float, *, pubsub_lossy: bool = Fa
         hung += s.hung
         errors += len(s.errors)
         reconnects += s.reconnects
+        cuts += s.cuts
         if r is None:
             lost += 1
             continue
@@ -92,7 +93,7 @@ def score(run: LoadRun, scenario: str, wall_s: float, *, pubsub_lossy: bool = Fa
         "missing_chunks": missing + replay_gap + (0 if pubsub_lossy else pub_gap),
         "result_mismatch": mismatch, "rerun": reruns, "pubsub_missed": pub_gap if pubsub_lossy else 0, "hung_clients": hung,
         "client_errors": errors,
-        "reconnects": reconnects,
+        "reconnects": reconnects, "cuts": cuts,
         "chunk_latency_ms_p50": _r(percentile(latency, 50)), "chunk_latency_ms_p99": _r(percentile(latency, 99)),
         "ttfc_ms_p50": _r(percentile(ttfc, 50)), "ttfc_ms_p99": _r(percentile(ttfc, 99)),
         "wall_s": round(wall_s, 1), "failed_reasons": dict(sorted(reasons.items())), "note": note,

@@ -27,8 +27,9 @@ def test_scenario_loses_nothing(chaos_fleet, name):
         assert chaos_fleet.redis.restarts == restarts + 1
         assert row["client_errors"] == 0, [e for s in run.seen.values() for e in s.errors]
     if name == "ws_reconnect":
-        cut = sum(p.cut_after is not None for p in run.plans)
-        assert cut and row["reconnects"] >= cut
+        planned = sum(p.cut_after is not None for p in run.plans)
+        # every hang-up done reconnected; most planned ones happen (a short job may end before its cut)
+        assert row["cuts"] >= planned // 2 and row["reconnects"] >= row["cuts"] >= 1, (planned, row)
     if name == "cancel":
         assert row["failed_reasons"].get("cancelled", 0) >= 1, row
     if name == "deadline":
