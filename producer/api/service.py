@@ -128,6 +128,10 @@ class JobService:
         except JobValidationError as e:
             self.metrics.refused.labels("400").inc()
             raise ApiError(400, str(e), e.field or None, "invalid_value") from e
+        if parsed.priority > 0:     # above online traffic: for the operator's own services (Client), not tenants
+            self.metrics.refused.labels("400").inc()
+            raise ApiError(400, f"priority must be <= 0 through the API (0 = online, below 0 = batch), got "
+                                f"{parsed.priority}", "priority", "invalid_value")
         known, owner = await self.fleet.owner(parsed.id)
         if known and (owner or OPEN_TENANT) != tenant:
             self.metrics.refused.labels("409").inc()

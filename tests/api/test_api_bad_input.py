@@ -40,6 +40,7 @@ CASES = [
     ("native bad params", "/v1/jobs", ALICE, {"prompt": "x", "params": {"top_p": 2.0}}, 400, "params.top_p"),
     ("native unknown adapter", "/v1/jobs", ALICE, {"prompt": "x", "adapter": "ghost"}, 404, "adapter"),
     ("native bad id", "/v1/jobs", ALICE, {"id": "a{b}", "prompt": "x"}, 400, "id"),
+    ("native priority above online", "/v1/jobs", ALICE, {"prompt": "x", "priority": 5}, 400, "priority"),
 ]
 
 
