@@ -1,7 +1,7 @@
 """Rows of a batch run: reading the input file, turning a row into a job, a result into an output row.
 
 Input: JSONL (one JSON object a line) or Parquet, each row with ``prompt``, optional
-``completion``, ``adapter`` or ``adapters`` (an ensemble, with ``merge``/``merge_params``),
+``completion`` (text, or both lists of token ids), ``adapter`` or ``adapters`` (an ensemble, with ``merge``/``merge_params``),
 ``params`` and ``id``. A row that cannot become a job is not an error of the run: it
 becomes an output row with an ``error``, and the run goes on.
 """
@@ -117,6 +117,12 @@ def to_row(index: int, record: Any, mode: str, token_logprobs: bool) -> Row:
         return Row(index, row_id, None, "'completion' is scored in mode loglik; mode generate writes one")
     job = {k: record[k] for k in ("prompt", "completion", "adapter", "adapters", "merge", "merge_params", "params")
            if record.get(k) is not None}
+    if isinstance(job["prompt"], list):             # token ids (a model without a tokenizer, pre-tokenized data)
+        job["input_ids"] = job.pop("prompt")
+        if "completion" in job:
+            if not isinstance(job["completion"], list):
+                return Row(index, row_id, None, "a prompt of token ids takes a completion of token ids")
+            job["completion_ids"] = job.pop("completion")
     job["mode"] = "score" if mode == "loglik" else "generate"
     if mode == "loglik" and token_logprobs:
         job["params"] = {**(job.get("params") or {}), "logprobs": 0}

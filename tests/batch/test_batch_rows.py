@@ -21,6 +21,8 @@ ROWS = [
     {"id": "e", "prompt": "p", "extra": 1},
     {"id": {"nested": 1}, "prompt": "p"},
     {"id": "f", "prompt": "p", "adapters": [{"id": "x0"}], "merge": "ties"},
+    {"id": "g", "prompt": [5, 6, 7], "completion": [8, 9]},
+    {"id": "h", "prompt": [5, 6, 7], "completion": " text"},
 ]
 
 
@@ -28,12 +30,14 @@ def test_each_bad_row_gets_its_own_error_and_good_rows_become_jobs(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n[1, 2]\n{broken\n")
     rows = list(read_rows(path, "loglik", token_logprobs=True))
-    assert [r.index for r in rows] == list(range(10)) and [r.id for r in rows[:2]] == ["a", 1]
+    assert [r.index for r in rows] == list(range(12)) and [r.id for r in rows[:2]] == ["a", 1]
     errors = {r.index: r.error for r in rows if r.error}
-    assert errors.keys() == {2, 4, 5, 6, 7, 8, 9}
+    assert errors.keys() == {2, 4, 5, 6, 7, 9, 10, 11}
     assert errors[2] == "missing field 'prompt'" and "temperature" in errors[4] and "unknown fields ['extra']" in errors[5]
     assert "id must be" in errors[6] and "merge_params" in errors[7]
-    assert "must be a JSON object, got list" in errors[8] and errors[9].startswith("line 11: not valid JSON")
+    assert rows[8].job == {"input_ids": [5, 6, 7], "completion_ids": [8, 9], "mode": "score", "params": {"logprobs": 0}}
+    assert "takes a completion of token ids" in errors[9]
+    assert "must be a JSON object, got list" in errors[10] and errors[11].startswith("line 13: not valid JSON")
     assert rows[0].job == {"prompt": "hello", "completion": " world", "adapter": "x1", "mode": "score",
                            "params": {"logprobs": 0}}
     assert rows[3].route == "x0+x1" and rows[1].route == "x0"
