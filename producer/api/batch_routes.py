@@ -80,7 +80,8 @@ async def create_batch(request: Request):
         raise ApiError(400, "chunk_size must be an integer in [1, 10000]", "chunk_size", "invalid_value")
     if not isinstance(token_logprobs, bool):
         raise ApiError(400, "token_logprobs must be true or false", "token_logprobs", "invalid_value")
-    rows = list(rows_from_records(records, mode, token_logprobs))
+    # validating a large dataset takes seconds: off the event loop
+    rows = await asyncio.to_thread(lambda: list(rows_from_records(records, mode, token_logprobs)))
     await _refuse_hidden_adapters(service, rows, tenant)
     run = await asyncio.to_thread(runs.create, rows, mode=mode, tenant=tenant, input_uri="(request body)",
                                   chunk_size=chunk_size, token_logprobs=token_logprobs)
@@ -136,7 +137,7 @@ async def _read_request(request: Request) -> tuple[dict, list]:
             options["chunk_size"] = _int_param(q["chunk_size"], "chunk_size")
         if "token_logprobs" in q:
             options["token_logprobs"] = q["token_logprobs"].lower() in ("1", "true", "yes")
-        records = list(jsonl_records(body.splitlines()))
+        records = await asyncio.to_thread(lambda: list(jsonl_records(body.splitlines())))
     else:
         doc = parse_json(body)          # strict: deep nesting, lone surrogates, NaN are a 400
         if not isinstance(doc, dict) or not isinstance(doc.get("input"), list):
