@@ -14,12 +14,13 @@ KEYS = {"key-alice": "alice", "key-bob": "bob"}
 
 
 class Served:
-    """A uvicorn server in a thread; ``url`` is its base URL."""
+    """A uvicorn server in a thread; ``url`` is its base URL, ``ws`` the same for websockets."""
 
-    def __init__(self, app):
+    def __init__(self, app, log_level: str = "warning"):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+        self.ws = f"ws://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level=log_level,
                                                     ws="websockets-sansio"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

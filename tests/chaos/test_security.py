@@ -16,48 +16,24 @@ import hashlib
 import json
 import logging
 import pickle
-import threading
 import time
 import urllib.parse
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from producer import keys
+from tests.api.conftest import Served
 from tests.db.conftest import postgres_url  # noqa: F401  (fixture)
-from tests.fleet.conftest import _free_port, rds, redis_url, reference, start_worker, wait_until  # noqa: F401
+from tests.fleet.conftest import rds, redis_url, reference, start_worker, wait_until  # noqa: F401
 
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
 ALICE = {"Authorization": "Bearer key-alice"}
 BOB = {"Authorization": "Bearer key-bob"}
 PROMPT = "the quick brown fox"
-
-
-# -- servers ------------------------------------------------------------------------------------
-class Served:
-    """A uvicorn server in a thread (as tests/api/conftest.py, with a choice of log level)."""
-
-    def __init__(self, app, log_level: str = "warning"):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ws = f"ws://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level=log_level,
-                                                    ws="websockets-sansio"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        end = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > end or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def make_settings(redis_url, tiny, tmp: Path, **kw):
