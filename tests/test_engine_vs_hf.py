@@ -5,26 +5,13 @@ import random
 
 import pytest
 
+from tests.conftest import make_engine
 from tests.hf_reference import HFReference
-from worker.engine import Engine, SamplingParams
+from worker.engine import SamplingParams
 from worker.tiny import TinySpec, make_tiny_setup
 
 N_NEW = 10
 GREEDY = SamplingParams(max_tokens=N_NEW, temperature=0.0, logprobs=1, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def ref(tiny):
-    model_dir, adapters = tiny
-    return HFReference(model_dir, adapters)
-
-
-def make_engine(tiny, **options) -> Engine:
-    model_dir, adapters = tiny
-    engine = Engine(model_dir, **options)
-    for name, path in adapters.items():
-        engine.add_adapter(name, path)
-    return engine
 
 
 def workload(seed: int, n: int = 8):

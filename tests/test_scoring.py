@@ -7,26 +7,13 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
+from tests.conftest import make_engine
 from tests.hf_reference import HFReference
-from worker.engine import Engine, SamplingParams
+from worker.engine import SamplingParams
 from worker.errors import InvalidRequestError
 from worker.scoring import encode_pair, loglik
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing in old green trees".split()
-
-
-@pytest.fixture(scope="module")
-def ref(tiny):
-    model_dir, adapters = tiny
-    return HFReference(model_dir, adapters)
-
-
-def make_engine(tiny, **options) -> Engine:
-    model_dir, adapters = tiny
-    engine = Engine(model_dir, **options)
-    for name, path in adapters.items():
-        engine.add_adapter(name, path)
-    return engine
 
 
 def sentences(seed: int, n: int) -> list[tuple[str, str]]:
