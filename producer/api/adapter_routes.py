@@ -171,14 +171,20 @@ async def list_adapters(request: Request):
     return {"object": "list", "data": [adapter_json(r, tenant, service.settings.base_model) for r in rows]}
 
 
+async def _visible(registry, adapter_id: str, tenant: str):
+    """The registry row of ``adapter_id``; 404 if there is none or ``tenant`` may not see it."""
+    row = await registry.get(adapter_id)
+    if row is None or not registry.visible(row, tenant):
+        raise _not_found(adapter_id)
+    return row
+
+
 @router.get("/v1/adapters/{adapter_id:path}")
 async def get_adapter(adapter_id: str, request: Request):
     service: JobService = request.app.state.service
     tenant = service.tenant(request.headers.get("authorization"))
     registry = _registry(service)
-    row = await registry.get(adapter_id)
-    if row is None or not registry.visible(row, tenant):
-        raise _not_found(adapter_id)
+    row = await _visible(registry, adapter_id, tenant)
     return adapter_json(row, tenant, service.settings.base_model)
 
 
@@ -187,9 +193,7 @@ async def delete_adapter(adapter_id: str, request: Request):
     service: JobService = request.app.state.service
     tenant = service.tenant(request.headers.get("authorization"))
     registry = _registry(service)
-    row = await registry.get(adapter_id)
-    if row is None or not registry.visible(row, tenant):
-        raise _not_found(adapter_id)
+    row = await _visible(registry, adapter_id, tenant)
     if row.tenant != tenant:
         raise ApiError(403, f"adapter {adapter_id!r} is not yours to delete", "id", "not_owner")
     try:

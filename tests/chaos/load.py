@@ -300,33 +300,29 @@ class LoadRun:
                 await r.aclose()
 
 
-def replay_entries(redis_url: str, job_ids: list[str]) -> dict[str, list[tuple[int, int, float]]]:
-    """job -> [(seq, end, unix time of the XADD)] of its replay stream (the copy clients read)."""
+def _per_job(redis_url: str, job_ids: list[str], call, parse) -> dict:
+    """job -> parse(reply of call(pipeline, job)), pipelined 200 jobs at a time."""
     r = redis.Redis.from_url(redis_url)
     out = {}
     try:
         for i in range(0, len(job_ids), 200):
             with r.pipeline(transaction=False) as p:
                 for j in job_ids[i:i + 200]:
-                    p.xrange(keys.replay(j))
-                for j, entries in zip(job_ids[i:i + 200], p.execute()):
-                    out[j] = [(int(text(entry_field(f, "seq"))), int(text(entry_field(f, "end"))),
-                               int(text(eid).split("-")[0]) / 1000) for eid, f in entries]
+                    call(p, j)
+                for j, reply in zip(job_ids[i:i + 200], p.execute()):
+                    out[j] = parse(reply)
     finally:
         r.close()
     return out
+
+
+def replay_entries(redis_url: str, job_ids: list[str]) -> dict[str, list[tuple[int, int, float]]]:
+    """job -> [(seq, end, unix time of the XADD)] of its replay stream (the copy clients read)."""
+    return _per_job(redis_url, job_ids, lambda p, j: p.xrange(keys.replay(j)),
+                    lambda entries: [(int(text(entry_field(f, "seq"))), int(text(entry_field(f, "end"))),
+                                      int(text(eid).split("-")[0]) / 1000) for eid, f in entries])
 
 
 def results(redis_url: str, job_ids: list[str]) -> dict[str, dict | None]:
-    r = redis.Redis.from_url(redis_url)
-    out = {}
-    try:
-        for i in range(0, len(job_ids), 200):
-            with r.pipeline(transaction=False) as p:
-                for j in job_ids[i:i + 200]:
-                    p.hget(keys.result(j), "data")
-                for j, data in zip(job_ids[i:i + 200], p.execute()):
-                    out[j] = json.loads(data) if data else None
-    finally:
-        r.close()
-    return out
+    return _per_job(redis_url, job_ids, lambda p, j: p.hget(keys.result(j), "data"),
+                    lambda data: json.loads(data) if data else None)
