@@ -67,21 +67,21 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_qh
     dm = d < HALF
     cos = tl.load(cos_ptr + pos * stride_c + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + pos * stride_c + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, d, dm, cos, sin, HQ, HALF, H_P2)
+    _rotate_heads(k_ptr + t * stride_kt, stride_kh, d, dm, cos, sin, HK, HALF, H_P2)
+
+
+@triton.jit
+def _rotate_heads(base_ptr, stride_h, d, dm, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
+                  H_P2: tl.constexpr):
+    """One token's heads in place: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), halves of each head."""
     h = tl.arange(0, H_P2)[:, None]
-    # q heads
-    m = (h < HQ) & dm[None, :]
-    p1 = q_ptr + t * stride_qt + h * stride_qh + d[None, :]
+    m = (h < NUM_HEADS) & dm[None, :]
+    p1 = base_ptr + h * stride_h + d[None, :]
     x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + HALF, mask=m, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=m)
-    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=m)
-    # k heads
-    m = (h < HK) & dm[None, :]
-    p1 = k_ptr + t * stride_kt + h * stride_kh + d[None, :]
-    x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=m, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty), mask=m)
-    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty), mask=m)
+    tl.store(p1, (x1 * cos - x2 * sin).to(base_ptr.dtype.element_ty), mask=m)
+    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(base_ptr.dtype.element_ty), mask=m)
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.mma import mma
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 # Prefill tiles: query rows (positions x heads of a group) and keys per step.
@@ -77,12 +79,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr,
             kv_mask = n_ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if NATIVE:
-                s = tl.dot(q, tl.trans(k))
-            elif IEEE:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)))
+            s = mma(q, tl.trans(k), NATIVE, IEEE)
             s = s * qk_scale
             s = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -90,11 +87,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr,
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if NATIVE:
-                pv = tl.dot(p.to(v.dtype), v)
-            elif IEEE:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p, v.to(tl.float32))
+                p = p.to(v.dtype)                       # tensor cores take both in the cache's dtype
+            pv = mma(p, v, NATIVE, IEEE)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         o_mask = row_ok[:, None] & d_ok[None, :]

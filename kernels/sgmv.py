@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.lora_meta import LoRAMeta
+from kernels.mma import mma
 from kernels.sgmv_tiles import MAX_SLICES, _column_tile, column_tiles
 from kernels.sgmv_decode import MAX_TOKENS as MAX_DECODE_TOKENS
 from kernels.sgmv_decode import lora_apply_decode
@@ -104,12 +105,7 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, sorted_ptr, indptr_ptr, seg_s
                          mask=in_seg[:, None] & k_ok[None, :], other=0.0)
             at = tl.load(a_ptr + slot * stride_as + sl * stride_ai + offs_r[:, None] * stride_ar + kk[None, :],
                          mask=(offs_r[:, None] < rank) & k_ok[None, :], other=0.0)
-            if NATIVE:
-                acc += tl.dot(xt, tl.trans(at))
-            elif IEEE:
-                acc += tl.dot(xt.to(tl.float32), tl.trans(at.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(xt.to(tl.float32), tl.trans(at.to(tl.float32)))
+            acc += mma(xt, tl.trans(at), NATIVE, IEEE)
         h_ptrs = h_ptr + sl * stride_hi + tok[:, None] * stride_ht + offs_r[None, :]
         h_mask = row_ok[:, None] & (offs_r[None, :] < max_rank)
         if ATOMIC:
@@ -148,10 +144,7 @@ def _expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, scal_ptr, sorted_ptr, indptr_
             bt = tl.load(b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + cols[None, :],
                          mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
             ht = ht * _pick(scal_v, j, BLOCK_M)
-            if IEEE:
-                acc += tl.dot(ht, bt, input_precision="ieee")
-            else:
-                acc += tl.dot(ht, bt)
+            acc += mma(ht, bt, False, IEEE)                 # both fp32 already
         if tl.max(rank_v, axis=0) > 0:
             y_ptrs = y_ptr + tok[:, None] * stride_yt + cols[None, :]
             y_mask = row_ok[:, None] & col_ok[None, :]

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from kernels.lora_meta import LoRAMeta
-from kernels.sgmv_tiles import MAX_SLICES, _column_tile, column_tiles
+from kernels.mma import mma
+from kernels.sgmv_tiles import _column_tile, column_tiles
 
 MAX_TOKENS = 64          # above this, the block-walking kernels of sgmv.py take over
 
@@ -68,12 +69,7 @@ def _shrink_seg_kernel(x_ptr, a_ptr, hp_ptr, ranks_ptr, sorted_ptr, indptr_ptr, 
                 xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
                              other=0.0)
                 at = tl.load(a_base + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                if NATIVE:
-                    acc += tl.dot(xt, tl.trans(at))
-                elif IEEE:
-                    acc += tl.dot(xt.to(tl.float32), tl.trans(at.to(tl.float32)), input_precision="ieee")
-                else:
-                    acc += tl.dot(xt.to(tl.float32), tl.trans(at.to(tl.float32)))
+                acc += mma(xt, tl.trans(at), NATIVE, IEEE)
             tl.store(hp_ptr + split * stride_hp + sl * stride_hi + tok[:, None] * stride_ht + offs_r[None, :], acc,
                      mask=row_ok[:, None] & r_ok[None, :])
 
@@ -102,10 +98,7 @@ def _expand_seg_kernel(hp_ptr, b_ptr, y_ptr, ranks_ptr, scal_ptr, sorted_ptr, in
             h = tl.load(h_ptrs, mask=h_mask, other=0.0)
             for p in range(1, SPLIT_K):
                 h += tl.load(h_ptrs + p * stride_hp, mask=h_mask, other=0.0)
-            if IEEE:
-                acc = tl.dot(h, bt, input_precision="ieee")
-            else:
-                acc = tl.dot(h, bt)
+            acc = mma(h, bt, False, IEEE)                    # both fp32 already
             y_ptrs = y_ptr + tok[:, None] * stride_yt + cols[None, :]
             y_mask = row_ok[:, None] & col_ok[None, :]
             y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
