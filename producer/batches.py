@@ -138,13 +138,12 @@ class BatchRuns:
         self.refresh_counts(run_id)
         return len(lines), failed
 
-    def refresh_counts(self, run_id: str) -> BatchRun:
+    def refresh_counts(self, run_id: str) -> None:
         parts = self.parts(run_id).values()
         done, failed = sum(p[0] for p in parts), sum(p[1] for p in parts)
         with session_scope(self.db) as s:
             s.execute(sa.update(BatchRun).where(BatchRun.id == run_id)
                       .values(done_rows=done, failed_rows=failed, updated_at=utcnow()))
-        return self.get(run_id)
 
     def set_status(self, run_id: str, status: str, error: str | None = None, only_from: tuple = ()) -> bool:
         """Move the run to ``status`` (if it is in one of ``only_from``, when given); False if it was not."""

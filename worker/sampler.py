@@ -80,13 +80,13 @@ def prompt_logprobs(logits: torch.Tensor, targets: list[int], top_n: int) -> lis
     """logits [n, vocab] predicting ``targets`` [n] -> one record per target."""
     lp = torch.log_softmax(logits, dim=-1)
     t = torch.tensor(targets, device=logits.device)
-    chosen = lp.gather(1, t[:, None]).squeeze(1).tolist()
-    greedy = (lp.argmax(dim=-1) == t).tolist()
+    # the targets' logprobs and whether each is the argmax, in one device-to-host copy
+    chosen, greedy = torch.stack((lp.gather(1, t[:, None]).squeeze(1), (lp.argmax(dim=-1) == t).to(lp.dtype))).tolist()
     if top_n:
         top_v, top_i = lp.topk(top_n, dim=-1)
         top_v, top_i = top_v.tolist(), top_i.tolist()
     out = []
     for j, tok in enumerate(targets):
         top = {top_i[j][m]: top_v[j][m] for m in range(top_n)} if top_n else {}
-        out.append(TokenLogprob(token_id=tok, logprob=chosen[j], top=top, greedy=greedy[j]))
+        out.append(TokenLogprob(token_id=tok, logprob=chosen[j], top=top, greedy=greedy[j] == 1.0))
     return out
