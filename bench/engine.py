@@ -180,6 +180,8 @@ def main() -> None:
     ap.add_argument("--hf-new-tokens", type=int, default=16)
     ap.add_argument("--hf", nargs="*", default=["32:distinct", "32:identical"], help="batch:workload pairs for HF+PEFT")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--fused-lora-tokens", type=int, default=None,
+                    help="steps up to this many tokens fold LoRA into the fused ops (0: separate SGMV kernels)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks that the bench runs")
     args = ap.parse_args()
     if args.smoke:
@@ -196,7 +198,9 @@ def main() -> None:
         t0 = time.perf_counter()
         engine = Engine(d, random_init=True, device=device, dtype=dtype, max_loras=max_batch,
                         max_lora_rank=RANK, max_num_seqs=max_batch, max_num_batched_tokens=8192,
-                        max_model_len=max_len, num_blocks=max_batch * (-(-max_len // 16)) + 64)
+                        max_model_len=max_len, num_blocks=max_batch * (-(-max_len // 16)) + 64,
+                        **({} if args.fused_lora_tokens is None else {"fused_lora_tokens": args.fused_lora_tokens}))
+        fused_lora_tokens = engine.model.fused_lora_tokens
         print(f"engine up in {time.perf_counter() - t0:.1f} s (weights {engine.model.w.nbytes() / 1e9:.2f} GB, "
               f"{engine.kv.allocator.num_blocks} KV blocks, graphs: {engine.graphs and engine.graphs.buckets})",
               flush=True)
@@ -239,7 +243,8 @@ def main() -> None:
         print(table(rows, ["system", "workload", "batch", "decode_tok_per_s", "tok_per_s"]))
         return
     path = write_result("engine", rows, args.out, copy_TBps=round(copy, 3), model="llama-3-8b-shaped (random)",
-                        dtype="bfloat16", prompt_len=args.prompt_len, new_tokens=args.new_tokens, rank=RANK)
+                        dtype="bfloat16", prompt_len=args.prompt_len, new_tokens=args.new_tokens, rank=RANK,
+                        fused_lora_tokens=fused_lora_tokens)
     print(table(rows, ["system", "workload", "batch", "distinct", "decode_tok_per_s", "tok_per_s", "step_ms_p50",
                        "ttft_ms_p50", "lora_overhead_pct", "byte_floor_overhead_pct"]))
     print(f"wrote {path}")

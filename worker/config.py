@@ -30,6 +30,8 @@ class EngineConfig:
     host_cache_bytes: int = 8 << 30     # adapters kept in host memory (LRU); the rest reload from disk
     pinned_host_bytes: int = 1 << 30    # of which page-locked once at start-up (CUDA), for stall-free loads
     cuda_graphs: bool = True            # replay decode steps from captured graphs (CUDA only)
+    fused_lora_tokens: int = 64         # steps of at most this many tokens fold LoRA into the norm, rotary and
+                                        # SiLU-mul kernels (Triton backends only); 0 = always separate SGMV
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):
@@ -41,6 +43,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise OpenLoRAError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.fused_lora_tokens, int) or self.fused_lora_tokens < 0:
+            raise OpenLoRAError(f"fused_lora_tokens must be an integer >= 0, got {self.fused_lora_tokens!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise OpenLoRAError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -49,7 +49,9 @@ class Engine:
                                   pinned_bytes=min(cfg.host_cache_bytes, cfg.pinned_host_bytes))
         self.slots = AdapterSlots(mc, cfg.max_loras, cfg.max_lora_rank, self.device, cfg.dtype,
                                   make_lora_backend(cfg.backend("lora_backend")))
-        self.model = LlamaModel(mc, weights, make_ops(cfg.backend("attention_backend")), self.slots)
+        fused = cfg.backend("lora_backend") == cfg.backend("attention_backend") == "triton"
+        self.model = LlamaModel(mc, weights, make_ops(cfg.backend("attention_backend")), self.slots,
+                                cfg.fused_lora_tokens if fused else 0)
         num_blocks = cfg.num_blocks or self._auto_num_blocks()
         self.kv = KVCache(mc, num_blocks, cfg.block_size, self.device, cfg.dtype)
         self.max_model_len = min(cfg.max_model_len or mc.max_context, mc.max_context, num_blocks * cfg.block_size)

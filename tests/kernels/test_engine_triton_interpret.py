@@ -2,17 +2,19 @@
 still equals transformers + PEFT. Small on purpose: the interpreter is slow."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.hf_reference import HFReference
 from worker.engine import Engine, SamplingParams
 
 
-def test_triton_path_matches_peft(tiny):
+@pytest.mark.parametrize("fused_lora_tokens", [0, 64])     # separate SGMV kernels / LoRA inside the fused ops
+def test_triton_path_matches_peft(tiny, fused_lora_tokens):
     model_dir, adapters = tiny
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = Engine(model_dir, device=device, lora_backend="triton", attention_backend="triton", cuda_graphs=False,
-                    max_num_batched_tokens=12)                      # chunked prefill on the Triton path too
+                    max_num_batched_tokens=12, fused_lora_tokens=fused_lora_tokens)  # chunked prefill too
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     prompts = [[5, 9, 33, 70, 12, 8, 100, 4, 19], [100, 3, 4], [7, 8, 9, 10, 11]]

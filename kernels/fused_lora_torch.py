@@ -1,0 +1,68 @@
+"""Plain-torch references for ``fused_lora.py``: the unfused ops, one after another.
+
+    shrink_ref(x, fam, slots)[i, t, :r]  = x[t] @ A[slot(t), i, :r].T                     (float32)
+    expand_ref(y, h, fam, offs, slots)    = y[t, slice i] + scaling * h[i, t, :r] @ B[slot(t), :r, slice i],
+                                            rounded to y's dtype (rows without a slot unchanged)
+    norm_lora_ref       = add_rms_norm(expand(x), residual), then shrink of the normed output
+    rotary_lora_ref     = expand of q/k/v, then rotary on q and k
+    silu_mul_lora_ref   = expand of gate/up, then silu_mul, then shrink of the product
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.fused_torch import add_rms_norm_ref, rms_norm_ref, rotary_ref, silu_mul_ref
+
+
+def shrink_ref(x: torch.Tensor, fam, token_slot: list[int]) -> torch.Tensor:
+    n_slices, max_rank = fam.lora_a.shape[1], fam.lora_a.shape[2]
+    h = torch.zeros((n_slices, x.shape[0], max_rank), dtype=torch.float32, device=x.device)
+    for t, s in enumerate(token_slot):
+        for i in range(n_slices):
+            r = int(fam.ranks[s, i]) if s >= 0 else 0
+            if r:
+                h[i, t, :r] = x[t].float() @ fam.lora_a[s, i, :r].float().T
+    return h
+
+
+def expand_ref(y: torch.Tensor, h: torch.Tensor, fam, out_offsets: tuple[int, ...],
+               token_slot: list[int]) -> torch.Tensor:
+    y = y.clone()
+    for t, s in enumerate(token_slot):
+        for i in range(len(out_offsets) - 1):
+            r = int(fam.ranks[s, i]) if s >= 0 else 0
+            if r:
+                lo, hi = out_offsets[i], out_offsets[i + 1]
+                delta = float(fam.scalings[s, i]) * (h[i, t, :r] @ fam.lora_b[s, :r, lo:hi].float())
+                y[t, lo:hi] = (y[t, lo:hi].float() + delta).to(y.dtype)
+    return y
+
+
+def norm_lora_ref(x, residual, weight, eps, token_slot, expand=None, shrink=None):
+    """(out, s, h) with h summed (not partials); ``expand`` = (h [1, T, R], one-slice family)."""
+    if expand is not None:
+        x = expand_ref(x, expand[0], expand[1], (0, x.shape[1]), token_slot)
+    if residual is None:
+        out, s = rms_norm_ref(x, weight, eps), x
+    else:
+        out, s = add_rms_norm_ref(x, residual, weight, eps)
+    return out, s, shrink_ref(out, shrink, token_slot) if shrink is not None else None
+
+
+def rotary_lora_ref(qkv, h, fam, cos, sin, positions, token_slot, num_heads, num_kv_heads):
+    t, width = qkv.shape
+    dim = width // (num_heads + 2 * num_kv_heads)
+    q, kv = num_heads * dim, num_kv_heads * dim
+    qkv = expand_ref(qkv, h, fam, (0, q, q + kv, q + 2 * kv), token_slot)
+    c, s = cos[positions], sin[positions]
+    rq = rotary_ref(qkv[:, :q].view(t, num_heads, dim), c, s).reshape(t, q)
+    rk = rotary_ref(qkv[:, q:q + kv].view(t, num_kv_heads, dim), c, s).reshape(t, kv)
+    return torch.cat((rq, rk, qkv[:, q + kv:]), dim=1)
+
+
+def silu_mul_lora_ref(gate_up, token_slot, expand=None, shrink=None):
+    n = gate_up.shape[1] // 2
+    if expand is not None:
+        gate_up = expand_ref(gate_up, expand[0], expand[1], (0, n, 2 * n), token_slot)
+    act = silu_mul_ref(gate_up)
+    return act, shrink_ref(act, shrink, token_slot) if shrink is not None else None
