@@ -1,7 +1,7 @@
 """Where a decode step's time goes: GPU time of the captured graph vs the whole engine step, and the
 eager kernel breakdown. Random Llama-3-8B-shaped weights, bf16.
 
-    python bench/profile_decode.py [--batches 32 256] [--distinct 32]
+    python bench/profile_decode.py [--batches 32 256] [--distinct 32]    (--distinct 1: Identical)
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def main() -> None:
                     t0 = time.perf_counter()
                     engine.step()
                     walls.append(time.perf_counter() - t0)
-                graph, _ = engine.graphs.graphs[(engine.graphs.bucket(batch), "none" if label == "base" else "multi")]
+                mode = "none" if label == "base" else "single" if args.distinct == 1 else "multi"
+                graph, _ = engine.graphs.graphs[(engine.graphs.bucket(batch), mode)]
                 gpu = []
                 for _ in range(args.steps):
                     ev0.record()

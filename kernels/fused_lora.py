@@ -1,35 +1,44 @@
-"""LoRA folded into the small fused ops of a decode step: no LoRA launches of its own but one.
+"""LoRA folded into the small fused ops of a decode step: 3 LoRA launches a layer instead of 8.
 
 A decode step applies LoRA 4 times a layer (qkv, o, gate_up, down). With
 separate shrink and expand kernels that is 8 launches a layer, 256 a step, and
 at batch 32 their fixed latency, not their bytes, is what LoRA costs
-(bench/NOTES-kernels.md). Each shrink and each expand here rides in a kernel
-the step runs anyway, next to the projection's input or output:
+(bench/NOTES-kernels.md). Here each shrink and expand rides in a kernel that
+sits next to its projection anyway:
 
-    input norm   add_rms_norm + expand of the previous down + shrink of qkv
-    rotary       expand of qkv (q, k before rotation; v too) + rotary, in place
-    (o shrink)   the one extra launch: attention's output has no row-wise kernel to join
-    post norm    add_rms_norm + expand of o + shrink of gate_up
-    SiLU-mul     expand of gate_up + silu(g) * u + shrink of down
+    input norm = expand_add (expand of the previous down, + residual, row sums of squares)
+                 + norm_shrink (w * rmsnorm, shrink of qkv)
+    rotary       expand of q, k, v, then rotary on q and k, in place
+    shrink_cols  shrink of o (the attention output has no other kernel to join)
+    post norm  = expand_add (expand of o) + norm_shrink (shrink of gate_up)
+    SiLU-mul     expand of gate/up, silu(g) * u, shrink of down
 
-Every kernel works on one token row (or a chunk of one): the row's slot picks
-its adapter, so adapters mix freely and a row without LoRA reads no LoRA bytes.
-A shrink writes partial sums ``hp[P, n_slices, T, max_rank]`` (float32, one
-per column chunk, no atomics and no zeroed buffer); the expand that consumes
-them adds the P partials. Entries past a slot's rank are never written or read.
+so LoRA adds expand_add (the norm is split in two: its row statistic needs the
+whole expanded row) twice and shrink_cols once a layer. Every kernel takes all
+tokens of the step in one tile (at most ``MAX_TOKENS``) and a tile of columns,
+and walks the step's adapters (segments): one adapter's weight tile is loaded
+once and multiplied with that adapter's rows, so each adapter's A and B are
+read once a step whatever the mix, as in SGMV.
 
-Semantics (``kernels/fused_lora_torch.py``) are those of the unfused path:
-the expanded projection output is rounded to the model dtype before the op
-that follows, exactly as if ``lora_apply`` had updated it in place.
+Shrinks add their column tile's share into ``h[n_slices, T, max_rank]``
+(float32, atomics), which must start at zero: the engine zeroes one buffer for
+all layers at the start of a step. Semantics (``kernels/fused_lora_torch.py``)
+are those of the unfused path: the expanded projection output is rounded to the
+model dtype before the op that follows, as if ``lora_apply`` had updated it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.lora_meta import LoRAMeta
+from kernels.mma import mma
+
+MAX_TOKENS = 64
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -43,228 +52,279 @@ class LoRAWeights:
     scalings: torch.Tensor        # [slots, n_slices] float32
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 # ----------------------------------------------------------------------------- device helpers
 
 @triton.jit
-def _row_slot(slot_ptr, row):
-    s = tl.load(slot_ptr + row)
-    return tl.maximum(s, 0).to(tl.int64), s >= 0
+def _pick(vec, j, N: tl.constexpr):
+    return tl.sum(tl.where(tl.arange(0, N) == j, vec, 0), axis=0)
 
 
 @triton.jit
-def _rank(ranks_ptr, slot, has, n_slices, sl):
-    return tl.where(has, tl.load(ranks_ptr + slot * n_slices + sl), 0)
+def _segments(seg_slot_ptr, seg_cap, SEG_P2: tl.constexpr):
+    """The step's slots (-1 past the last) and how many there are."""
+    s = tl.arange(0, SEG_P2)
+    slots = tl.load(seg_slot_ptr + s, mask=s < seg_cap, other=-1)
+    return slots, tl.sum((slots >= 0).to(tl.int32), axis=0)
 
 
 @triton.jit
-def _h_sum(hp_ptr, stride_hp, stride_hs, stride_ht, sl, row, rank, P, P_P2: tl.constexpr, BLOCK_R: tl.constexpr):
-    """h[sl, row, :] summed over the P partials; 0 past ``rank``."""
-    p = tl.arange(0, P_P2)[:, None]
-    r = tl.arange(0, BLOCK_R)[None, :]
-    h = tl.load(hp_ptr + p * stride_hp + sl * stride_hs + row * stride_ht + r, mask=(p < P) & (r < rank), other=0.0)
-    return tl.sum(h, axis=0)
+def _per_segment(ptr, slots, n_slices, sl):
+    """ranks[slot, sl] (or scalings) for every segment; 0 for unused ones."""
+    return tl.load(ptr + tl.maximum(slots, 0) * n_slices + sl, mask=slots >= 0, other=0)
 
 
 @triton.jit
-def _delta(b_ptr, stride_br, h, rank, cols, col_ok, BLOCK_R: tl.constexpr):
-    """sum_r h[r] * B[r, cols] (B already offset to the row's slot), float32."""
+def _load_h(h_ptr, stride_ht, rows, row_ok, max_rank, BLOCK_R: tl.constexpr):
     r = tl.arange(0, BLOCK_R)
-    b = tl.load(b_ptr + r[:, None] * stride_br + cols[None, :], mask=(r < rank)[:, None] & col_ok[None, :],
-                other=0.0).to(tl.float32)
-    return tl.sum(h[:, None] * b, axis=0)
+    return tl.load(h_ptr + rows[:, None] * stride_ht + r[None, :], mask=row_ok[:, None] & (r < max_rank)[None, :],
+                   other=0.0)
 
 
 @triton.jit
-def _shrink_rows(ranks_ptr, slot, has, n_slices, S_P2: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Flat (slice, rank row) index of a shrink tile and which of its rows the row's adapter has."""
-    j = tl.arange(0, S_P2 * BLOCK_R)
-    j_sl = j // BLOCK_R
-    j_r = j % BLOCK_R
-    rank = tl.load(ranks_ptr + slot * n_slices + j_sl, mask=j_sl < n_slices, other=0) * has.to(tl.int32)
-    return j_sl, j_r, j_r < rank
+def _expand_one(acc, h, tslot, slots, j, rank_v, scal_v, b_ptr, stride_bs, stride_br, cols, col_ok,
+                BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, IEEE: tl.constexpr):
+    r = tl.arange(0, BLOCK_R)
+    slot = _pick(slots, j, SEG_P2)
+    rank = _pick(rank_v, j, SEG_P2)
+    hj = tl.where((tslot == slot)[:, None] & (r < rank)[None, :], h, 0.0) * _pick(scal_v, j, SEG_P2)
+    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + r[:, None] * stride_br + cols[None, :],
+                mask=(r < rank)[:, None] & col_ok[None, :], other=0.0)
+    return acc + mma(hj, b.to(tl.float32), False, IEEE)
 
 
 @triton.jit
-def _shrink_part(a_ptr, stride_ai, stride_ar, j_sl, j_r, j_ok, x, cols, col_ok):
-    """sum_k A[j_sl, j_r, cols] * x[cols] for every (slice, rank row) j; A offset to the row's slot."""
-    a = tl.load(a_ptr + j_sl[:, None] * stride_ai + j_r[:, None] * stride_ar + cols[None, :],
-                mask=j_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    return tl.sum(a * x[None, :], axis=1)
+def _expand_tile(acc, h, tslot, slots, nseg, rank_v, scal_v, b_ptr, stride_bs, stride_br, cols, col_ok,
+                 BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr):
+    """acc[t, cols] += scaling * h[t, :r] @ B[slot(t), :r, cols], one weight tile per adapter of the step.
+
+    SINGLE: the step has one adapter, so no loop: straight-line code lets the
+    weight load issue with the kernel's other loads instead of after them.
+    """
+    if SINGLE:
+        acc = _expand_one(acc, h, tslot, slots, 0, rank_v, scal_v, b_ptr, stride_bs, stride_br, cols, col_ok,
+                          BLOCK_R, SEG_P2, IEEE)
+    else:
+        for j in range(0, nseg):
+            acc = _expand_one(acc, h, tslot, slots, j, rank_v, scal_v, b_ptr, stride_bs, stride_br, cols, col_ok,
+                              BLOCK_R, SEG_P2, IEEE)
+    return acc
 
 
 @triton.jit
-def _store_h(hp_ptr, part, stride_hp, stride_hs, stride_ht, row, j_sl, j_r, j_ok, acc):
-    tl.store(hp_ptr + part * stride_hp + j_sl * stride_hs + row * stride_ht + j_r, acc, mask=j_ok)
+def _shrink_one(acc, x, tslot, slots, j, rank_v, a_ptr, stride_as, stride_ar, cols, col_ok,
+                BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
+    r = tl.arange(0, BLOCK_R)
+    slot = _pick(slots, j, SEG_P2)
+    rank = _pick(rank_v, j, SEG_P2)
+    a = tl.load(a_ptr + slot.to(tl.int64) * stride_as + r[:, None] * stride_ar + cols[None, :],
+                mask=(r < rank)[:, None] & col_ok[None, :], other=0.0)
+    xj = tl.where((tslot == slot)[:, None], x, 0.0).to(x.dtype)
+    return acc + mma(xj, tl.trans(a), NATIVE, IEEE)
+
+
+@triton.jit
+def _shrink_tile(x, tslot, slots, nseg, rank_v, a_ptr, stride_as, stride_ar, cols, col_ok,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr,
+                 NATIVE: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr):
+    """x[t, cols] @ A[slot(t), :r, cols].T for every row (float32 [BLOCK_M, BLOCK_R]); A offset to the slice."""
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if SINGLE:
+        acc = _shrink_one(acc, x, tslot, slots, 0, rank_v, a_ptr, stride_as, stride_ar, cols, col_ok,
+                          BLOCK_R, SEG_P2, NATIVE, IEEE)
+    else:
+        for j in range(0, nseg):
+            acc = _shrink_one(acc, x, tslot, slots, j, rank_v, a_ptr, stride_as, stride_ar, cols, col_ok,
+                              BLOCK_R, SEG_P2, NATIVE, IEEE)
+    return acc
+
+
+@triton.jit
+def _add_h(h_ptr, stride_ht, rows, row_ok, max_rank, acc, BLOCK_R: tl.constexpr):
+    r = tl.arange(0, BLOCK_R)
+    tl.atomic_add(h_ptr + rows[:, None] * stride_ht + r[None, :], acc, mask=row_ok[:, None] & (r < max_rank)[None, :])
 
 
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_ptr, slot_ptr,
-                      he_ptr, be_ptr, rank_e_ptr, scal_e_ptr, a_ptr, rank_s_ptr, hs_ptr,
-                      stride_x, stride_r, stride_o, stride_ro,
-                      stride_hep, stride_hes, stride_het, stride_bes, stride_ber, P_E,
-                      stride_as, stride_ai, stride_ar, stride_hsp, stride_hss, stride_hst, n_slices_s,
-                      n, eps, KC,
-                      HAS_RES: tl.constexpr, EXPAND: tl.constexpr, SHRINK: tl.constexpr,
-                      BK: tl.constexpr, BLOCK_R: tl.constexpr, PE_P2: tl.constexpr, S_P2: tl.constexpr):
-    row = tl.program_id(0)
-    part = tl.program_id(1)
-    slot, has = _row_slot(slot_ptr, row)
-    offs = tl.arange(0, BK)
-    lo = part * KC
-    dt = out_ptr.dtype.element_ty
+def _expand_add_kernel(x_ptr, r_ptr, s_ptr, sq_ptr, slot_ptr, seg_slot_ptr, h_ptr, b_ptr, ranks_ptr, scal_ptr,
+                       T, n, stride_x, stride_r, stride_s, stride_ht, stride_bs, stride_br, seg_cap, max_rank,
+                       HAS_RES: tl.constexpr, EXPAND: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
+                       BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, IEEE: tl.constexpr,
+                        SINGLE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    cols = pid * BN + tl.arange(0, BN)
+    col_ok = cols < n
+    m = row_ok[:, None] & col_ok[None, :]
+    dt = s_ptr.dtype.element_ty
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
     if EXPAND:
-        rank_e = _rank(rank_e_ptr, slot, has, 1, 0)
-        h_e = _h_sum(he_ptr, stride_hep, stride_hes, stride_het, 0, row, rank_e, P_E, PE_P2, BLOCK_R)
-        h_e = h_e * tl.load(scal_e_ptr + slot)
-    # pass 1, the whole row (every part needs the full sum of squares): s = (x + delta) + residual
-    sq = tl.zeros((BK,), dtype=tl.float32)
-    for c0 in range(0, n, BK):
-        cols = c0 + offs
-        ok = cols < n
-        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        if EXPAND:
-            x = (x + _delta(be_ptr + slot * stride_bes, stride_ber, h_e, rank_e, cols, ok, BLOCK_R)).to(dt)
-            x = x.to(tl.float32)
-        if HAS_RES:
-            x = (x + tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)).to(dt)
-            x = x.to(tl.float32)
-        if HAS_RES or EXPAND:
-            mine = ok & (cols >= lo) & (cols < lo + KC)
-            tl.store(res_ptr + row * stride_ro + cols, x.to(dt), mask=mine)
-        sq += x * x
-    rstd = tl.rsqrt(tl.sum(sq, axis=0) / n + eps)
-    tl.debug_barrier()                   # this program's residual chunk, stored above, is read back below
-    if SHRINK:
-        j_sl, j_r, j_ok = _shrink_rows(rank_s_ptr, slot, has, n_slices_s, S_P2, BLOCK_R)
-        acc = tl.zeros((S_P2 * BLOCK_R,), dtype=tl.float32)
-    # pass 2, this part's columns: out = w * rmsnorm(s), and its share of the next shrink
-    for c0 in range(lo, lo + KC, BK):
-        cols = c0 + offs
-        ok = cols < n
-        if HAS_RES or EXPAND:
-            s = tl.load(res_ptr + row * stride_ro + cols, mask=ok, other=0.0).to(tl.float32)
-        else:
-            s = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        y = (w * (s * rstd).to(dt).to(tl.float32)).to(dt)
-        tl.store(out_ptr + row * stride_o + cols, y, mask=ok)
-        if SHRINK:
-            acc += _shrink_part(a_ptr + slot * stride_as, stride_ai, stride_ar, j_sl, j_r, j_ok, y.to(tl.float32),
-                                cols, ok)
-    if SHRINK:
-        _store_h(hs_ptr, part, stride_hsp, stride_hss, stride_hst, row, j_sl, j_r, j_ok, acc)
+        tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
+        slots, nseg = _segments(seg_slot_ptr, seg_cap, SEG_P2)
+        h = _load_h(h_ptr, stride_ht, rows, row_ok, max_rank, BLOCK_R)
+        delta = _expand_tile(tl.zeros((BLOCK_M, BN), dtype=tl.float32), h, tslot, slots, nseg,
+                             _per_segment(ranks_ptr, slots, 1, 0), _per_segment(scal_ptr, slots, 1, 0),
+                             b_ptr, stride_bs, stride_br, cols, col_ok, BLOCK_R, SEG_P2, IEEE, SINGLE)
+        x = (x + delta).to(dt).to(tl.float32)
+    if HAS_RES:
+        x = (x + tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=m, other=0.0).to(tl.float32))
+        x = x.to(dt).to(tl.float32)
+    if HAS_RES or EXPAND:
+        tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], x.to(dt), mask=m)
+    tl.store(sq_ptr + pid * BLOCK_M + rows, tl.sum(x * x, axis=1), mask=row_ok)
 
 
 @triton.jit
-def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, hp_ptr, b_ptr, ranks_ptr, scal_ptr,
-                        stride_t, stride_c, stride_hp, stride_hs, stride_ht, stride_bs, stride_br, P,
+def _norm_shrink_kernel(s_ptr, w_ptr, out_ptr, sq_ptr, slot_ptr, seg_slot_ptr, a_ptr, ranks_ptr, h_ptr,
+                        T, n, n_chunks, stride_s, stride_o, stride_as, stride_ai, stride_ar, stride_hs, stride_ht,
+                        seg_cap, max_rank, eps,
+                        SHRINK: tl.constexpr, N_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
+                        BLOCK_R: tl.constexpr, CH_P2: tl.constexpr, SEG_P2: tl.constexpr,
+                        NATIVE: tl.constexpr, IEEE: tl.constexpr,
+                        SINGLE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    cols = pid * BN + tl.arange(0, BN)
+    col_ok = cols < n
+    m = row_ok[:, None] & col_ok[None, :]
+    dt = out_ptr.dtype.element_ty
+    c = tl.arange(0, CH_P2)
+    sq = tl.load(sq_ptr + c[:, None] * BLOCK_M + rows[None, :], mask=(c < n_chunks)[:, None] & row_ok[None, :],
+                 other=0.0)
+    rstd = tl.rsqrt(tl.sum(sq, axis=0) / n + eps)
+    s = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = (w[None, :] * (s * rstd[:, None]).to(dt).to(tl.float32)).to(dt)
+    if SHRINK:
+        tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
+        slots, nseg = _segments(seg_slot_ptr, seg_cap, SEG_P2)
+        for sl in tl.static_range(N_SLICES):
+            acc = _shrink_tile(y, tslot, slots, nseg, _per_segment(ranks_ptr, slots, N_SLICES, sl),
+                               a_ptr + sl * stride_ai, stride_as, stride_ar, cols, col_ok,
+                               BLOCK_M, BLOCK_R, SEG_P2, NATIVE, IEEE, SINGLE)
+            _add_h(h_ptr + sl * stride_hs, stride_ht, rows, row_ok, max_rank, acc, BLOCK_R)
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y, mask=m)     # after the weight loads
+
+
+@triton.jit
+def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_ptr, h_ptr, b_ptr, ranks_ptr,
+                        scal_ptr, T, stride_t, stride_c, stride_hs, stride_ht, stride_bs, stride_br, seg_cap, max_rank,
                         HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                        BLOCK_R: tl.constexpr, P_P2: tl.constexpr):
-    t = tl.program_id(0)
-    hh = tl.program_id(1)                                   # q heads, then k heads, then v heads
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, IEEE: tl.constexpr,
+                        SINGLE: tl.constexpr):
+    hh = tl.program_id(0)                                   # q heads, then k heads, then v heads
     sl = (hh >= HQ).to(tl.int32) + (hh >= HQ + HK).to(tl.int32)
-    slot, has = _row_slot(slot_ptr, t)
-    rank = _rank(ranks_ptr, slot, has, 3, sl)
-    h = _h_sum(hp_ptr, stride_hp, stride_hs, stride_ht, sl, t, rank, P, P_P2, BLOCK_R)
-    h = h * tl.load(scal_ptr + slot * 3 + sl)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < T
     d = tl.arange(0, HALF_P2)
     dm = d < HALF
     col = hh * (2 * HALF) + d
-    base = qkv_ptr + t * stride_t
+    m = row_ok[:, None] & dm[None, :]
     dt = qkv_ptr.dtype.element_ty
-    b_row = b_ptr + slot * stride_bs
-    x1 = tl.load(base + col, mask=dm, other=0.0).to(tl.float32)
-    x2 = tl.load(base + col + HALF, mask=dm, other=0.0).to(tl.float32)
-    x1 = (x1 + _delta(b_row, stride_br, h, rank, col, dm, BLOCK_R)).to(dt).to(tl.float32)
-    x2 = (x2 + _delta(b_row, stride_br, h, rank, col + HALF, dm, BLOCK_R)).to(dt).to(tl.float32)
+    p1 = qkv_ptr + rows[:, None] * stride_t + col[None, :]
+    x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(p1 + HALF, mask=m, other=0.0).to(tl.float32)
+    tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
+    slots, nseg = _segments(seg_slot_ptr, seg_cap, SEG_P2)
+    rank_v = _per_segment(ranks_ptr, slots, 3, sl)
+    scal_v = _per_segment(scal_ptr, slots, 3, sl)
+    h = _load_h(h_ptr + sl * stride_hs, stride_ht, rows, row_ok, max_rank, BLOCK_R)
+    zero = tl.zeros((BLOCK_M, HALF_P2), dtype=tl.float32)
+    x1 = (x1 + _expand_tile(zero, h, tslot, slots, nseg, rank_v, scal_v, b_ptr, stride_bs, stride_br, col, dm,
+                            BLOCK_R, SEG_P2, IEEE, SINGLE)).to(dt).to(tl.float32)
+    x2 = (x2 + _expand_tile(zero, h, tslot, slots, nseg, rank_v, scal_v, b_ptr, stride_bs, stride_br, col + HALF,
+                            dm, BLOCK_R, SEG_P2, IEEE, SINGLE)).to(dt).to(tl.float32)
     if hh < HQ + HK:
-        pos = tl.load(pos_ptr + t)
-        cos = tl.load(cos_ptr + pos * stride_c + d, mask=dm, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * stride_c + d, mask=dm, other=0.0).to(tl.float32)
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
+        cos = tl.load(cos_ptr + pos[:, None] * stride_c + d[None, :], mask=m, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + pos[:, None] * stride_c + d[None, :], mask=m, other=0.0).to(tl.float32)
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    tl.store(base + col, x1.to(dt), mask=dm)
-    tl.store(base + col + HALF, x2.to(dt), mask=dm)
+    tl.store(p1, x1.to(dt), mask=m)
+    tl.store(p1 + HALF, x2.to(dt), mask=m)
 
 
 @triton.jit
-def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, hg_ptr, bg_ptr, rank_g_ptr, scal_g_ptr,
-                          a_ptr, rank_d_ptr, hd_ptr,
-                          stride_g, stride_o, stride_hgp, stride_hgs, stride_hgt, stride_bgs, stride_bgr, P_G,
-                          stride_as, stride_ar, stride_hdp, stride_hdt, n, CPP,
-                          EXPAND: tl.constexpr, SHRINK: tl.constexpr,
-                          BK: tl.constexpr, BLOCK_R: tl.constexpr, PG_P2: tl.constexpr):
-    row = tl.program_id(0)
-    part = tl.program_id(1)
-    slot, has = _row_slot(slot_ptr, row)
-    offs = tl.arange(0, BK)
+def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, hg_ptr, bg_ptr, rank_g_ptr, scal_g_ptr,
+                          a_ptr, rank_d_ptr, hd_ptr, T, n, stride_g, stride_o, stride_hgs, stride_hgt, stride_bgs,
+                          stride_bgr, stride_as, stride_ar, stride_hdt, seg_cap, max_rank,
+                          EXPAND: tl.constexpr, SHRINK: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
+                          BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr,
+                        SINGLE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    cols = pid * BN + tl.arange(0, BN)
+    col_ok = cols < n
+    m = row_ok[:, None] & col_ok[None, :]
     dt = out_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + rows[:, None] * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + rows[:, None] * stride_g + n + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
+    slots, nseg = _segments(seg_slot_ptr, seg_cap, SEG_P2)
     if EXPAND:
-        rank_g = _rank(rank_g_ptr, slot, has, 2, 0)
-        rank_u = _rank(rank_g_ptr, slot, has, 2, 1)
-        h_g = _h_sum(hg_ptr, stride_hgp, stride_hgs, stride_hgt, 0, row, rank_g, P_G, PG_P2, BLOCK_R)
-        h_u = _h_sum(hg_ptr, stride_hgp, stride_hgs, stride_hgt, 1, row, rank_u, P_G, PG_P2, BLOCK_R)
-        h_g = h_g * tl.load(scal_g_ptr + slot * 2)
-        h_u = h_u * tl.load(scal_g_ptr + slot * 2 + 1)
-        b_row = bg_ptr + slot * stride_bgs
+        zero = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+        g = g + _expand_tile(zero, _load_h(hg_ptr, stride_hgt, rows, row_ok, max_rank, BLOCK_R), tslot, slots, nseg,
+                             _per_segment(rank_g_ptr, slots, 2, 0), _per_segment(scal_g_ptr, slots, 2, 0),
+                             bg_ptr, stride_bgs, stride_bgr, cols, col_ok, BLOCK_R, SEG_P2, IEEE, SINGLE)
+        u = u + _expand_tile(zero, _load_h(hg_ptr + stride_hgs, stride_hgt, rows, row_ok, max_rank, BLOCK_R), tslot,
+                             slots, nseg, _per_segment(rank_g_ptr, slots, 2, 1), _per_segment(scal_g_ptr, slots, 2, 1),
+                             bg_ptr, stride_bgs, stride_bgr, n + cols, col_ok, BLOCK_R, SEG_P2, IEEE, SINGLE)
+        g = g.to(dt).to(tl.float32)
+        u = u.to(dt).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g)) * u).to(dt)
     if SHRINK:
-        j_sl, j_r, j_ok = _shrink_rows(rank_d_ptr, slot, has, 1, 1, BLOCK_R)
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    lo = part * CPP
-    for c0 in range(lo, lo + CPP, BK):
-        cols = c0 + offs
-        ok = cols < n
-        g = tl.load(gu_ptr + row * stride_g + cols, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + row * stride_g + n + cols, mask=ok, other=0.0).to(tl.float32)
-        if EXPAND:
-            g = (g + _delta(b_row, stride_bgr, h_g, rank_g, cols, ok, BLOCK_R)).to(dt).to(tl.float32)
-            u = (u + _delta(b_row, stride_bgr, h_u, rank_u, n + cols, ok, BLOCK_R)).to(dt).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g)) * u).to(dt)
-        tl.store(out_ptr + row * stride_o + cols, act, mask=ok)
-        if SHRINK:
-            acc += _shrink_part(a_ptr + slot * stride_as, 0, stride_ar, j_sl, j_r, j_ok, act.to(tl.float32), cols, ok)
-    if SHRINK:
-        _store_h(hd_ptr, part, stride_hdp, 0, stride_hdt, row, j_sl, j_r, j_ok, acc)
+        acc = _shrink_tile(act, tslot, slots, nseg, _per_segment(rank_d_ptr, slots, 1, 0), a_ptr, stride_as,
+                           stride_ar, cols, col_ok, BLOCK_M, BLOCK_R, SEG_P2, NATIVE, IEEE, SINGLE)
+        _add_h(hd_ptr, stride_hdt, rows, row_ok, max_rank, acc, BLOCK_R)
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], act, mask=m)     # after the weight loads
 
 
 @triton.jit
-def _shrink_rows_kernel(x_ptr, a_ptr, ranks_ptr, slot_ptr, hp_ptr, stride_x, stride_as, stride_ai, stride_ar,
-                        stride_hp, stride_hs, stride_ht, n, n_slices, KC,
-                        BK: tl.constexpr, BLOCK_R: tl.constexpr, S_P2: tl.constexpr):
-    row = tl.program_id(0)
-    part = tl.program_id(1)
-    slot, has = _row_slot(slot_ptr, row)
-    j_sl, j_r, j_ok = _shrink_rows(ranks_ptr, slot, has, n_slices, S_P2, BLOCK_R)
-    acc = tl.zeros((S_P2 * BLOCK_R,), dtype=tl.float32)
-    offs = tl.arange(0, BK)
-    for c0 in range(part * KC, part * KC + KC, BK):
-        cols = c0 + offs
-        ok = cols < tl.where(has, n, 0)                    # a row without LoRA reads nothing
-        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        acc += _shrink_part(a_ptr + slot * stride_as, stride_ai, stride_ar, j_sl, j_r, j_ok, x, cols, ok)
-    _store_h(hp_ptr, part, stride_hp, stride_hs, stride_ht, row, j_sl, j_r, j_ok, acc)
+def _shrink_cols_kernel(x_ptr, a_ptr, ranks_ptr, slot_ptr, seg_slot_ptr, h_ptr, T, n, stride_x, stride_as, stride_ai,
+                        stride_ar, stride_hs, stride_ht, seg_cap, max_rank, N_SLICES: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr,
+                        NATIVE: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    cols = pid * BN + tl.arange(0, BN)
+    col_ok = cols < n
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
+    slots, nseg = _segments(seg_slot_ptr, seg_cap, SEG_P2)
+    for sl in tl.static_range(N_SLICES):
+        acc = _shrink_tile(x, tslot, slots, nseg, _per_segment(ranks_ptr, slots, N_SLICES, sl), a_ptr + sl * stride_ai,
+                           stride_as, stride_ar, cols, col_ok, BLOCK_M, BLOCK_R, SEG_P2, NATIVE, IEEE, SINGLE)
+        _add_h(h_ptr + sl * stride_hs, stride_ht, rows, row_ok, max_rank, acc, BLOCK_R)
 
 
 # ----------------------------------------------------------------------------- host side
 
-def _block_r(max_rank: int) -> int:
-    return max(16, triton.next_power_of_2(max_rank))
+def _consts(x: torch.Tensor, meta: LoRAMeta, max_rank: int) -> dict:
+    t = x.shape[0]
+    if t > MAX_TOKENS:
+        raise ValueError(f"fused LoRA takes at most {MAX_TOKENS} tokens a step, got {t}")
+    return dict(BLOCK_M=max(16, triton.next_power_of_2(t)), BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
+                SEG_P2=triton.next_power_of_2(meta.seg_slot.numel()), IEEE=not _native(x),
+                SINGLE=meta.num_segments == 1)
 
 
-def _chunk(n_slices: int, max_rank: int) -> int:
-    """Columns a shrink step takes: about 16K float32 values of A a step, whatever the slices and rank."""
-    return max(64, min(512, 16384 // (triton.next_power_of_2(n_slices) * _block_r(max_rank))))
+def _native(x: torch.Tensor) -> bool:
+    return not _interpreting() and x.dtype != torch.float32
 
 
-def _parts(t: int, n: int, bk: int) -> tuple[int, int]:
-    """Column chunks per row (each a multiple of ``bk``): enough programs to spread a small step over the GPU."""
-    parts = max(1, min(triton.cdiv(n, bk), 128 // max(t, 1)))
-    kc = triton.cdiv(triton.cdiv(n, parts), bk) * bk
-    return triton.cdiv(n, kc), kc
+def _block_n(t: int) -> int:
+    return 128 if t <= 32 else 64
 
 
-def _check_family(name: str, fam: LoRAWeights, n_in: int | None, n_out: int | None, slices: int) -> None:
+def _check_family(name: str, fam, n_in: int | None, n_out: int | None, slices: int) -> None:
     a, b = fam.lora_a, fam.lora_b
     if a.dim() != 4 or not a.is_contiguous() or a.shape[1] != slices or (n_in is not None and a.shape[3] != n_in):
         raise ValueError(f"{name}: lora_a must be contiguous [slots, {slices}, max_rank, {n_in}], got {tuple(a.shape)}")
@@ -278,16 +338,10 @@ def _check_family(name: str, fam: LoRAWeights, n_in: int | None, n_out: int | No
                              f"{v.dtype} {tuple(v.shape)}")
 
 
-def _check_partials(name: str, hp: torch.Tensor, slices: int, t: int, max_rank: int) -> None:
-    if hp.dim() != 4 or hp.dtype != torch.float32 or hp.shape[1:] != (slices, t, max_rank) or hp.stride(3) != 1:
-        raise ValueError(f"{name}: partials must be float32 [P, {slices}, {t}, {max_rank}], got "
-                         f"{hp.dtype} {tuple(hp.shape)}")
-
-
-def _check_slots(token_slot: torch.Tensor, t: int) -> None:
-    if token_slot.dtype != torch.int32 or token_slot.dim() != 1 or token_slot.numel() < t:
-        raise ValueError(f"token_slot must be int32 with at least {t} entries, got {token_slot.dtype} "
-                         f"{tuple(token_slot.shape)}")
+def _check_h(name: str, h: torch.Tensor, slices: int, t: int, fam) -> None:
+    want = (slices, t, fam.lora_a.shape[2])
+    if h.dtype != torch.float32 or tuple(h.shape) != want or h.stride(2) != 1:
+        raise ValueError(f"{name}: h must be float32 {list(want)} with unit last stride, got {h.dtype} {tuple(h.shape)}")
 
 
 def _check_rows(name: str, x: torch.Tensor, t: int, n: int, dtype: torch.dtype) -> None:
@@ -296,18 +350,19 @@ def _check_rows(name: str, x: torch.Tensor, t: int, n: int, dtype: torch.dtype) 
                          f"{tuple(x.shape)} strides {x.stride()}")
 
 
-def _empty_partials(parts: int, fam: LoRAWeights, t: int, device) -> torch.Tensor:
-    return torch.empty((parts, fam.lora_a.shape[1], t, fam.lora_a.shape[2]), dtype=torch.float32, device=device)
+def _check_meta(meta: LoRAMeta, t: int) -> None:
+    if meta.token_slot.numel() < t or meta.token_slot.dtype != torch.int32:
+        raise ValueError(f"the LoRA metadata holds {meta.token_slot.numel()} tokens, the step {t}")
 
 
-def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-              token_slot: torch.Tensor, *, expand: tuple[torch.Tensor, LoRAWeights] | None = None,
-              shrink: LoRAWeights | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(out, s, hp): s = expand(x) + residual, out = w * rmsnorm(s), hp = shrink(out) partials.
+def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, meta: LoRAMeta, *,
+              expand: tuple[torch.Tensor, object] | None = None,
+              shrink: tuple[torch.Tensor, object] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, s): s = expand(x) + residual, out = w * rmsnorm(s), and h_shrink += out @ A.T.
 
-    ``expand`` = (partials of h, one-slice family): x[t] += scaling * h[t] @ B first
-    (rounded to x's dtype). ``shrink``: the partial sums of out[t] @ A[slot(t)].T
-    for every slice. Without residual and expand, s is x itself.
+    ``expand`` = (h [1, T, R], one-slice family): x[t] += scaling * h[t] @ B[slot(t)]
+    first, rounded to x's dtype. ``shrink`` = (h_out [n_slices, T, R] zeroed, family).
+    Without residual and expand, s is x itself.
     """
     if x.dtype not in _DTYPES:
         raise ValueError(f"x must be one of {_DTYPES}, got {x.dtype}")
@@ -317,46 +372,44 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
         _check_rows("residual", residual, t, n, x.dtype)
     if weight.shape != (n,) or weight.dtype != x.dtype or not weight.is_contiguous():
         raise ValueError(f"weight must be contiguous {x.dtype} [{n}], got {weight.dtype} {tuple(weight.shape)}")
-    _check_slots(token_slot, t)
+    _check_meta(meta, t)
     he, fe = expand if expand is not None else (None, None)
-    max_rank = 16
+    hs, fs = shrink if shrink is not None else (None, None)
     if fe is not None:
         _check_family("expand", fe, None, n, 1)
-        _check_partials("expand", he, 1, t, fe.lora_a.shape[2])
-        max_rank = fe.lora_a.shape[2]
-    if shrink is not None:
-        _check_family("shrink", shrink, n, None, shrink.lora_a.shape[1])
-        if fe is not None and shrink.lora_a.shape[2] != fe.lora_a.shape[2]:
-            raise ValueError("expand and shrink families must share max_rank")
-        max_rank = shrink.lora_a.shape[2]
-    s_p2 = triton.next_power_of_2(shrink.lora_a.shape[1]) if shrink is not None else 1
-    bk = _chunk(s_p2, max_rank) if shrink is not None else 512
-    parts, kc = _parts(t, n, bk) if shrink is not None else (1, triton.cdiv(n, bk) * bk)
+        _check_h("expand", he, 1, t, fe)
+    if fs is not None:
+        _check_family("shrink", fs, n, None, fs.lora_a.shape[1])
+        _check_h("shrink", hs, fs.lora_a.shape[1], t, fs)
+    max_rank = (fe or fs).lora_a.shape[2] if (fe or fs) is not None else 16
+    k = _consts(x, meta, max_rank)
+    bn = _block_n(t)
+    chunks = triton.cdiv(n, bn)
     out = torch.empty_like(x)
-    res = torch.empty_like(x) if residual is not None or fe is not None else x
-    hs = _empty_partials(parts, shrink, t, x.device) if shrink is not None else None
-    if t:
-        dummy = x
-        _norm_lora_kernel[(t, parts)](
-            x, residual if residual is not None else x, weight, out, res, token_slot,
-            he if fe is not None else dummy, fe.lora_b if fe is not None else dummy,
-            fe.ranks if fe is not None else token_slot, fe.scalings if fe is not None else dummy,
-            shrink.lora_a if shrink is not None else dummy, shrink.ranks if shrink is not None else token_slot,
-            hs if hs is not None else dummy,
-            x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), res.stride(0),
-            *(he.stride()[:3] if fe is not None else (0, 0, 0)), *(fe.lora_b.stride()[:2] if fe is not None else (0, 0)),
-            he.shape[0] if fe is not None else 1,
-            *(shrink.lora_a.stride()[:3] if shrink is not None else (0, 0, 0)),
-            *(hs.stride()[:3] if hs is not None else (0, 0, 0)), shrink.lora_a.shape[1] if shrink is not None else 1,
-            n, eps, kc,
-            HAS_RES=residual is not None, EXPAND=fe is not None, SHRINK=shrink is not None,
-            BK=bk, BLOCK_R=_block_r(max_rank), PE_P2=triton.next_power_of_2(he.shape[0]) if fe is not None else 1,
-            S_P2=s_p2, num_warps=8 if n >= 2048 else 4)
-    return out, res, hs
+    s = torch.empty_like(x) if residual is not None or fe is not None else x
+    sq = torch.empty((chunks, k["BLOCK_M"]), dtype=torch.float32, device=x.device)
+    if not t:
+        return out, s
+    seg_cap = meta.seg_slot.numel()
+    _expand_add_kernel[(chunks,)](
+        x, residual if residual is not None else x, s, sq, meta.token_slot, meta.seg_slot,
+        he if fe is not None else sq, fe.lora_b if fe is not None else x,
+        fe.ranks if fe is not None else meta.token_slot, fe.scalings if fe is not None else sq,
+        t, n, x.stride(0), residual.stride(0) if residual is not None else 0, s.stride(0),
+        he.stride(1) if fe is not None else 0, *(fe.lora_b.stride()[:2] if fe is not None else (0, 0)), seg_cap,
+        max_rank, HAS_RES=residual is not None, EXPAND=fe is not None, BN=bn, num_warps=4, **k)
+    _norm_shrink_kernel[(chunks,)](
+        s, weight, out, sq, meta.token_slot, meta.seg_slot, fs.lora_a if fs is not None else x,
+        fs.ranks if fs is not None else meta.token_slot, hs if fs is not None else sq,
+        t, n, chunks, s.stride(0), out.stride(0), *(fs.lora_a.stride()[:3] if fs is not None else (0, 0, 0)),
+        *(hs.stride()[:2] if fs is not None else (0, 0)), seg_cap, max_rank, eps,
+        SHRINK=fs is not None, N_SLICES=fs.lora_a.shape[1] if fs is not None else 1, BN=bn,
+        CH_P2=triton.next_power_of_2(chunks), NATIVE=_native(x), num_warps=4, num_stages=3, **k)
+    return out, s
 
 
-def rotary_lora_(qkv: torch.Tensor, hp: torch.Tensor, fam: LoRAWeights, cos: torch.Tensor, sin: torch.Tensor,
-                 positions: torch.Tensor, token_slot: torch.Tensor, num_heads: int, num_kv_heads: int) -> None:
+def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin: torch.Tensor,
+                 positions: torch.Tensor, meta: LoRAMeta, num_heads: int, num_kv_heads: int) -> None:
     """In place on qkv [T, (HQ + 2 HK) * D]: q, k, v += LoRA expand (rounded), then rotary on q and k."""
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.dtype not in _DTYPES:
         raise ValueError(f"qkv must be 2-D with unit column stride, got {tuple(qkv.shape)}")
@@ -366,76 +419,69 @@ def rotary_lora_(qkv: torch.Tensor, hp: torch.Tensor, fam: LoRAWeights, cos: tor
         raise ValueError(f"qkv width {width} is not {heads} heads of an even head_dim")
     dim = width // heads
     _check_family("qkv", fam, None, width, 3)
-    _check_partials("qkv", hp, 3, t, fam.lora_a.shape[2])
-    _check_slots(token_slot, t)
+    _check_h("qkv", h, 3, t, fam)
+    _check_meta(meta, t)
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != dim or cos.stride(1) != 1:
         raise ValueError(f"cos/sin must be [max_pos, {dim}], got {tuple(cos.shape)}")
     if positions.shape != (t,):
         raise ValueError(f"positions must be [{t}], got {tuple(positions.shape)}")
+    k = _consts(qkv, meta, fam.lora_a.shape[2])
     if t:
-        _rotary_lora_kernel[(t, heads)](
-            qkv, cos, sin, positions, token_slot, hp, fam.lora_b, fam.ranks, fam.scalings,
-            qkv.stride(0), cos.stride(0), *hp.stride()[:3], *fam.lora_b.stride()[:2], hp.shape[0],
-            HQ=num_heads, HK=num_kv_heads, HALF=dim // 2, HALF_P2=triton.next_power_of_2(dim // 2),
-            BLOCK_R=_block_r(fam.lora_a.shape[2]), P_P2=triton.next_power_of_2(hp.shape[0]), num_warps=1)
+        _rotary_lora_kernel[(heads,)](
+            qkv, cos, sin, positions, meta.token_slot, meta.seg_slot, h, fam.lora_b, fam.ranks, fam.scalings,
+            t, qkv.stride(0), cos.stride(0), h.stride(0), h.stride(1), *fam.lora_b.stride()[:2],
+            meta.seg_slot.numel(), fam.lora_a.shape[2], HQ=num_heads, HK=num_kv_heads, HALF=dim // 2,
+            HALF_P2=max(16, triton.next_power_of_2(dim // 2)), num_warps=4, num_stages=3, **k)
 
 
-def silu_mul_lora(gate_up: torch.Tensor, token_slot: torch.Tensor, *,
-                  expand: tuple[torch.Tensor, LoRAWeights] | None = None,
-                  shrink: LoRAWeights | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(act, hp): gate_up += expand (rounded), act = silu(g) * u, hp = partials of act @ A_down.T."""
+def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, *, expand: tuple[torch.Tensor, object] | None = None,
+                  shrink: tuple[torch.Tensor, object] | None = None) -> torch.Tensor:
+    """act = silu(g) * u after gate_up += expand (rounded); h_down += act @ A_down.T."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1 or gate_up.dtype not in _DTYPES:
         raise ValueError(f"gate_up must be [T, 2I] with unit column stride, got {tuple(gate_up.shape)}")
     t, n2 = gate_up.shape
     n = n2 // 2
-    _check_slots(token_slot, t)
+    _check_meta(meta, t)
     hg, fg = expand if expand is not None else (None, None)
-    max_rank = 16
+    hd, fd = shrink if shrink is not None else (None, None)
     if fg is not None:
         _check_family("gate_up", fg, None, n2, 2)
-        _check_partials("gate_up", hg, 2, t, fg.lora_a.shape[2])
-        max_rank = fg.lora_a.shape[2]
-    if shrink is not None:
-        _check_family("down", shrink, n, None, 1)
-        if fg is not None and shrink.lora_a.shape[2] != fg.lora_a.shape[2]:
-            raise ValueError("expand and shrink families must share max_rank")
-        max_rank = shrink.lora_a.shape[2]
-    bk = _chunk(2, max_rank)
-    parts, cpp = _parts(t, n, bk)
-    parts = max(parts, triton.cdiv(n, 4 * bk))         # at most 4 chunk steps a program
-    cpp = triton.cdiv(triton.cdiv(n, parts), bk) * bk
-    parts = triton.cdiv(n, cpp)
+        _check_h("gate_up", hg, 2, t, fg)
+    if fd is not None:
+        _check_family("down", fd, n, None, 1)
+        _check_h("down", hd, 1, t, fd)
+    max_rank = (fg or fd).lora_a.shape[2] if (fg or fd) is not None else 16
+    k = _consts(gate_up, meta, max_rank)
+    bn = _block_n(t)
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
-    hd = _empty_partials(parts, shrink, t, gate_up.device) if shrink is not None else None
     if t:
-        dummy = gate_up
-        _silu_mul_lora_kernel[(t, parts)](
-            gate_up, out, token_slot, hg if fg is not None else dummy, fg.lora_b if fg is not None else dummy,
-            fg.ranks if fg is not None else token_slot, fg.scalings if fg is not None else dummy,
-            shrink.lora_a if shrink is not None else dummy, shrink.ranks if shrink is not None else token_slot,
-            hd if hd is not None else dummy,
-            gate_up.stride(0), out.stride(0), *(hg.stride()[:3] if fg is not None else (0, 0, 0)),
-            *(fg.lora_b.stride()[:2] if fg is not None else (0, 0)), hg.shape[0] if fg is not None else 1,
-            shrink.lora_a.stride(0) if shrink is not None else 0, shrink.lora_a.stride(2) if shrink is not None else 0,
-            hd.stride(0) if hd is not None else 0, hd.stride(2) if hd is not None else 0, n, cpp,
-            EXPAND=fg is not None, SHRINK=shrink is not None, BK=bk, BLOCK_R=_block_r(max_rank),
-            PG_P2=triton.next_power_of_2(hg.shape[0]) if fg is not None else 1, num_warps=4)
-    return out, hd
+        _silu_mul_lora_kernel[(triton.cdiv(n, bn),)](
+            gate_up, out, meta.token_slot, meta.seg_slot, hg if fg is not None else out,
+            fg.lora_b if fg is not None else out, fg.ranks if fg is not None else meta.token_slot,
+            fg.scalings if fg is not None else out, fd.lora_a if fd is not None else out,
+            fd.ranks if fd is not None else meta.token_slot, hd if fd is not None else out,
+            t, n, gate_up.stride(0), out.stride(0), *(hg.stride()[:2] if fg is not None else (0, 0)),
+            *(fg.lora_b.stride()[:2] if fg is not None else (0, 0)),
+            fd.lora_a.stride(0) if fd is not None else 0, fd.lora_a.stride(2) if fd is not None else 0,
+            hd.stride(1) if fd is not None else 0, meta.seg_slot.numel(), max_rank,
+            EXPAND=fg is not None, SHRINK=fd is not None, BN=bn, NATIVE=_native(gate_up), num_warps=4,
+            num_stages=3, **k)
+    return out
 
 
-def shrink_rows(x: torch.Tensor, fam: LoRAWeights, token_slot: torch.Tensor) -> torch.Tensor:
-    """Partials hp[P, n_slices, T, max_rank] of x[t] @ A[slot(t)].T (one program per row and column chunk)."""
+def shrink_cols(x: torch.Tensor, h: torch.Tensor, fam, meta: LoRAMeta) -> None:
+    """h[i, t] += x[t] @ A[slot(t), i, :r].T, one program per column tile of x (h zeroed by the caller)."""
     if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in _DTYPES:
         raise ValueError(f"x must be 2-D with unit column stride, got {tuple(x.shape)}")
     t, n = x.shape
-    _check_family("shrink", fam, n, None, fam.lora_a.shape[1])
-    _check_slots(token_slot, t)
-    s_p2 = triton.next_power_of_2(fam.lora_a.shape[1])
-    bk = _chunk(s_p2, fam.lora_a.shape[2])
-    parts, kc = _parts(t, n, bk)
-    hp = _empty_partials(parts, fam, t, x.device)
+    slices = fam.lora_a.shape[1]
+    _check_family("shrink", fam, n, None, slices)
+    _check_h("shrink", h, slices, t, fam)
+    _check_meta(meta, t)
+    k = _consts(x, meta, fam.lora_a.shape[2])
+    bn = _block_n(t)
     if t:
-        _shrink_rows_kernel[(t, parts)](
-            x, fam.lora_a, fam.ranks, token_slot, hp, x.stride(0), *fam.lora_a.stride()[:3], *hp.stride()[:3],
-            n, fam.lora_a.shape[1], kc, BK=bk, BLOCK_R=_block_r(fam.lora_a.shape[2]), S_P2=s_p2, num_warps=4)
-    return hp
+        _shrink_cols_kernel[(triton.cdiv(n, bn),)](
+            x, fam.lora_a, fam.ranks, meta.token_slot, meta.seg_slot, h, t, n, x.stride(0),
+            *fam.lora_a.stride()[:3], h.stride(0), h.stride(1), meta.seg_slot.numel(), fam.lora_a.shape[2],
+            N_SLICES=slices, BN=bn, NATIVE=_native(x), num_warps=4, num_stages=3, **k)

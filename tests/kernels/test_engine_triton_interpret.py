@@ -9,16 +9,18 @@ from tests.hf_reference import HFReference
 from worker.engine import Engine, SamplingParams
 
 
-@pytest.mark.parametrize("fused_lora_tokens", [0, 64])     # separate SGMV kernels / LoRA inside the fused ops
-def test_triton_path_matches_peft(tiny, fused_lora_tokens):
+# separate SGMV kernels; then one adapter beside a base request, so that every step takes the fused path
+# (LoRA inside the norm, rotary and SiLU-mul kernels; ad0 targets all 7 projections)
+@pytest.mark.parametrize("fused_lora_tokens, names", [(0, ["ad0", None, "ad3"]), (64, ["ad0", None, "ad0"])])
+def test_triton_path_matches_peft(tiny, fused_lora_tokens, names):
     model_dir, adapters = tiny
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = Engine(model_dir, device=device, lora_backend="triton", attention_backend="triton", cuda_graphs=False,
-                    max_num_batched_tokens=12, fused_lora_tokens=fused_lora_tokens)  # chunked prefill too
+                    max_num_batched_tokens=12, fused_lora_tokens=fused_lora_tokens,
+                    num_blocks=64)  # chunked prefill too
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     prompts = [[5, 9, 33, 70, 12, 8, 100, 4, 19], [100, 3, 4], [7, 8, 9, 10, 11]]
-    names = ["ad0", None, "ad3"]
     params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True)
     outs = engine.generate(prompts, names, params)
     ref = HFReference(model_dir, adapters)
