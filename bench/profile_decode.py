@@ -49,7 +49,7 @@ def main() -> None:
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(LLAMA3_8B))
-        engine = Engine(d, random_init=True, device="cuda", dtype=torch.bfloat16, max_loras=args.distinct,
+        engine = Engine(d, random_init=True, device="cuda", dtype=torch.bfloat16, max_loras=max(2, args.distinct),
                         max_lora_rank=16, max_num_seqs=max(args.batches), max_num_batched_tokens=8192,
                         max_model_len=1024, num_blocks=max(args.batches) * 64 + 64)
         names = random_adapters(engine, args.distinct)

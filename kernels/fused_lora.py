@@ -312,7 +312,7 @@ def _consts(x: torch.Tensor, meta: LoRAMeta, max_rank: int) -> dict:
     if t > MAX_TOKENS:
         raise ValueError(f"fused LoRA takes at most {MAX_TOKENS} tokens a step, got {t}")
     return dict(BLOCK_M=max(16, triton.next_power_of_2(t)), BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
-                SEG_P2=triton.next_power_of_2(meta.seg_slot.numel()), IEEE=not _native(x),
+                SEG_P2=max(2, triton.next_power_of_2(meta.seg_slot.numel())), IEEE=not _native(x),
                 SINGLE=meta.num_segments == 1)
 
 

@@ -36,8 +36,8 @@ class DecodeGraphs:
         pool = None
         for n in reversed(self.buckets):            # largest first, so smaller graphs fit in its pool
             for mode in self.modes:
-                if mode == "multi" and n == 1:
-                    continue                        # one token cannot hold two adapters
+                if mode == "multi" and (n == 1 or self.buffers.lora.seg_slot.numel() < 2):
+                    continue                        # one token, or one LoRA slot, cannot hold two adapters
                 slots = {"none": [-1] * n, "single": [0] * n, "multi": [i % 2 for i in range(n)]}[mode]
                 inputs = self._pad([0] * n, [0] * n, [[] for _ in range(n)], [1] * n, slots, n)
                 for _ in range(2):                  # compile and warm up outside the capture
