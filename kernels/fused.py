@@ -36,17 +36,23 @@ def _check_rows(name: str, t: torch.Tensor, rows: int, n: int, dtype: torch.dtyp
                          f"got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """s = x + residual (or x); returns (w * rmsnorm(s), s).  x, residual [T, n]; weight [n]."""
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x must be one of {_DTYPES}, got {x.dtype}")
+def check_norm_args(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> None:
+    """x, residual [T, n] with unit column stride and one float dtype; weight [n] contiguous, same dtype."""
+    if x.dtype not in _DTYPES or x.dim() != 2:
+        raise ValueError(f"x must be 2-D, one of {_DTYPES}, got {x.dtype} {tuple(x.shape)}")
     rows, n = x.shape
     _check_rows("x", x, rows, n, x.dtype)
     if residual is not None:
         _check_rows("residual", residual, rows, n, x.dtype)
     if weight.shape != (n,) or weight.dtype != x.dtype or not weight.is_contiguous():
         raise ValueError(f"weight must be contiguous {x.dtype} [{n}], got {weight.dtype} {tuple(weight.shape)}")
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = x + residual (or x); returns (w * rmsnorm(s), s).  x, residual [T, n]; weight [n]."""
+    check_norm_args(x, residual, weight)
+    rows, n = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else x
     if rows:

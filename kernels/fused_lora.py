@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fused import check_norm_args
 from kernels.lora_meta import LoRAMeta
 from kernels.mma import mma
 
@@ -57,6 +58,16 @@ def _interpreting() -> bool:
 
 
 # ----------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _tile(T, n, BLOCK_M: tl.constexpr, BN: tl.constexpr):
+    """All the step's rows and this program's column tile, with their masks."""
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    col_ok = cols < n
+    return rows, row_ok, cols, col_ok, row_ok[:, None] & col_ok[None, :]
+
 
 @triton.jit
 def _pick(vec, j, N: tl.constexpr):
@@ -154,14 +165,8 @@ def _add_h(h_ptr, stride_ht, rows, row_ok, max_rank, acc, BLOCK_R: tl.constexpr)
 def _expand_add_kernel(x_ptr, r_ptr, s_ptr, sq_ptr, slot_ptr, seg_slot_ptr, h_ptr, b_ptr, ranks_ptr, scal_ptr,
                        T, n, stride_x, stride_r, stride_s, stride_ht, stride_bs, stride_br, seg_cap, max_rank,
                        HAS_RES: tl.constexpr, EXPAND: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
-                       BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, IEEE: tl.constexpr,
-                        SINGLE: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    cols = pid * BN + tl.arange(0, BN)
-    col_ok = cols < n
-    m = row_ok[:, None] & col_ok[None, :]
+                       BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr):
+    rows, row_ok, cols, col_ok, m = _tile(T, n, BLOCK_M, BN)
     dt = s_ptr.dtype.element_ty
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
     if EXPAND:
@@ -177,7 +182,7 @@ def _expand_add_kernel(x_ptr, r_ptr, s_ptr, sq_ptr, slot_ptr, seg_slot_ptr, h_pt
         x = x.to(dt).to(tl.float32)
     if HAS_RES or EXPAND:
         tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], x.to(dt), mask=m)
-    tl.store(sq_ptr + pid * BLOCK_M + rows, tl.sum(x * x, axis=1), mask=row_ok)
+    tl.store(sq_ptr + tl.program_id(0) * BLOCK_M + rows, tl.sum(x * x, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -186,14 +191,8 @@ def _norm_shrink_kernel(s_ptr, w_ptr, out_ptr, sq_ptr, slot_ptr, seg_slot_ptr, a
                         seg_cap, max_rank, eps,
                         SHRINK: tl.constexpr, N_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
                         BLOCK_R: tl.constexpr, CH_P2: tl.constexpr, SEG_P2: tl.constexpr,
-                        NATIVE: tl.constexpr, IEEE: tl.constexpr,
-                        SINGLE: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    cols = pid * BN + tl.arange(0, BN)
-    col_ok = cols < n
-    m = row_ok[:, None] & col_ok[None, :]
+                        NATIVE: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr):
+    rows, row_ok, cols, col_ok, m = _tile(T, n, BLOCK_M, BN)
     dt = out_ptr.dtype.element_ty
     c = tl.arange(0, CH_P2)
     sq = tl.load(sq_ptr + c[:, None] * BLOCK_M + rows[None, :], mask=(c < n_chunks)[:, None] & row_ok[None, :],
@@ -256,13 +255,8 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, hg_ptr, bg_pt
                           stride_bgr, stride_as, stride_ar, stride_hdt, seg_cap, max_rank,
                           EXPAND: tl.constexpr, SHRINK: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
                           BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr,
-                        SINGLE: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    cols = pid * BN + tl.arange(0, BN)
-    col_ok = cols < n
-    m = row_ok[:, None] & col_ok[None, :]
+                          SINGLE: tl.constexpr):
+    rows, row_ok, cols, col_ok, m = _tile(T, n, BLOCK_M, BN)
     dt = out_ptr.dtype.element_ty
     g = tl.load(gu_ptr + rows[:, None] * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + rows[:, None] * stride_g + n + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -291,11 +285,7 @@ def _shrink_cols_kernel(x_ptr, a_ptr, ranks_ptr, slot_ptr, seg_slot_ptr, h_ptr, 
                         stride_ar, stride_hs, stride_ht, seg_cap, max_rank, N_SLICES: tl.constexpr,
                         BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr,
                         NATIVE: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    cols = pid * BN + tl.arange(0, BN)
-    col_ok = cols < n
+    rows, row_ok, cols, col_ok, m = _tile(T, n, BLOCK_M, BN)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
     slots, nseg = _segments(seg_slot_ptr, seg_cap, SEG_P2)
@@ -344,12 +334,6 @@ def _check_h(name: str, h: torch.Tensor, slices: int, t: int, fam) -> None:
         raise ValueError(f"{name}: h must be float32 {list(want)} with unit last stride, got {h.dtype} {tuple(h.shape)}")
 
 
-def _check_rows(name: str, x: torch.Tensor, t: int, n: int, dtype: torch.dtype) -> None:
-    if x.dim() != 2 or x.shape != (t, n) or x.stride(1) != 1 or x.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype} [{t}, {n}] with unit column stride, got {x.dtype} "
-                         f"{tuple(x.shape)} strides {x.stride()}")
-
-
 def _check_meta(meta: LoRAMeta, t: int) -> None:
     if meta.token_slot.numel() < t or meta.token_slot.dtype != torch.int32:
         raise ValueError(f"the LoRA metadata holds {meta.token_slot.numel()} tokens, the step {t}")
@@ -364,14 +348,8 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     first, rounded to x's dtype. ``shrink`` = (h_out [n_slices, T, R] zeroed, family).
     Without residual and expand, s is x itself.
     """
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x must be one of {_DTYPES}, got {x.dtype}")
+    check_norm_args(x, residual, weight)
     t, n = x.shape
-    _check_rows("x", x, t, n, x.dtype)
-    if residual is not None:
-        _check_rows("residual", residual, t, n, x.dtype)
-    if weight.shape != (n,) or weight.dtype != x.dtype or not weight.is_contiguous():
-        raise ValueError(f"weight must be contiguous {x.dtype} [{n}], got {weight.dtype} {tuple(weight.shape)}")
     _check_meta(meta, t)
     he, fe = expand if expand is not None else (None, None)
     hs, fs = shrink if shrink is not None else (None, None)
