@@ -28,7 +28,6 @@ model dtype before the op that follows, as if ``lora_apply`` had updated it.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,7 @@ import triton.language as tl
 
 from kernels.fused import check_norm_args
 from kernels.lora_meta import LoRAMeta
-from kernels.mma import mma
+from kernels.mma import mma, native_dot
 
 MAX_TOKENS = 64
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,10 +50,6 @@ class LoRAWeights:
     lora_b: torch.Tensor          # [slots, max_rank, out_total]
     ranks: torch.Tensor           # [slots, n_slices] int32
     scalings: torch.Tensor        # [slots, n_slices] float32
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -302,12 +297,8 @@ def _consts(x: torch.Tensor, meta: LoRAMeta, max_rank: int) -> dict:
     if t > MAX_TOKENS:
         raise ValueError(f"fused LoRA takes at most {MAX_TOKENS} tokens a step, got {t}")
     return dict(BLOCK_M=max(16, triton.next_power_of_2(t)), BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
-                SEG_P2=max(2, triton.next_power_of_2(meta.seg_slot.numel())), IEEE=not _native(x),
+                SEG_P2=max(2, triton.next_power_of_2(meta.seg_slot.numel())), IEEE=not native_dot(x.dtype),
                 SINGLE=meta.num_segments == 1)
-
-
-def _native(x: torch.Tensor) -> bool:
-    return not _interpreting() and x.dtype != torch.float32
 
 
 def _block_n(t: int) -> int:
@@ -382,7 +373,7 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
         t, n, chunks, s.stride(0), out.stride(0), *(fs.lora_a.stride()[:3] if fs is not None else (0, 0, 0)),
         *(hs.stride()[:2] if fs is not None else (0, 0)), seg_cap, max_rank, eps,
         SHRINK=fs is not None, N_SLICES=fs.lora_a.shape[1] if fs is not None else 1, BN=bn,
-        CH_P2=triton.next_power_of_2(chunks), NATIVE=_native(x), num_warps=4, num_stages=3, **k)
+        CH_P2=triton.next_power_of_2(chunks), NATIVE=native_dot(x.dtype), num_warps=4, num_stages=3, **k)
     return out, s
 
 
@@ -442,7 +433,7 @@ def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, *, expand: tuple[torch.
             *(fg.lora_b.stride()[:2] if fg is not None else (0, 0)),
             fd.lora_a.stride(0) if fd is not None else 0, fd.lora_a.stride(2) if fd is not None else 0,
             hd.stride(1) if fd is not None else 0, meta.seg_slot.numel(), max_rank,
-            EXPAND=fg is not None, SHRINK=fd is not None, BN=bn, NATIVE=_native(gate_up), num_warps=4,
+            EXPAND=fg is not None, SHRINK=fd is not None, BN=bn, NATIVE=native_dot(gate_up.dtype), num_warps=4,
             num_stages=3, **k)
     return out
 
@@ -462,4 +453,4 @@ def shrink_cols(x: torch.Tensor, h: torch.Tensor, fam, meta: LoRAMeta) -> None:
         _shrink_cols_kernel[(triton.cdiv(n, bn),)](
             x, fam.lora_a, fam.ranks, meta.token_slot, meta.seg_slot, h, t, n, x.stride(0),
             *fam.lora_a.stride()[:3], h.stride(0), h.stride(1), meta.seg_slot.numel(), fam.lora_a.shape[2],
-            N_SLICES=slices, BN=bn, NATIVE=_native(x), num_warps=4, num_stages=3, **k)
+            N_SLICES=slices, BN=bn, NATIVE=native_dot(x.dtype), num_warps=4, num_stages=3, **k)

@@ -1,4 +1,5 @@
-"""Plain-torch references for ``fused_lora.py``: the unfused ops, one after another.
+"""Plain-torch references for ``fused_lora.py``: the unfused ops, one after another (the SGMV
+references of ``lora_torch.py`` for the LoRA parts, with tokens given as a list of slots).
 
     shrink_ref(x, fam, slots)[i, t, :r]  = x[t] @ A[slot(t), i, :r].T                     (float32)
     expand_ref(y, h, fam, offs, slots)    = y[t, slice i] + scaling * h[i, t, :r] @ B[slot(t), :r, slice i],
@@ -12,34 +13,27 @@ from __future__ import annotations
 import torch
 
 from kernels.fused_torch import add_rms_norm_ref, rms_norm_ref, rotary_ref, silu_mul_ref
+from kernels.lora_meta import LoRAMeta
+from kernels.lora_torch import lora_expand_ref, lora_shrink_ref
+
+
+def _meta(token_slot: list[int], device) -> LoRAMeta:
+    slots = len({s for s in token_slot if s >= 0})
+    return LoRAMeta.allocate(max(1, len(token_slot)), max(1, slots), device).fill(token_slot)
 
 
 def shrink_ref(x: torch.Tensor, fam, token_slot: list[int]) -> torch.Tensor:
-    n_slices, max_rank = fam.lora_a.shape[1], fam.lora_a.shape[2]
-    h = torch.zeros((n_slices, x.shape[0], max_rank), dtype=torch.float32, device=x.device)
-    for t, s in enumerate(token_slot):
-        for i in range(n_slices):
-            r = int(fam.ranks[s, i]) if s >= 0 else 0
-            if r:
-                h[i, t, :r] = x[t].float() @ fam.lora_a[s, i, :r].float().T
-    return h
+    return lora_shrink_ref(x, fam.lora_a, fam.ranks, _meta(token_slot, x.device))
 
 
 def expand_ref(y: torch.Tensor, h: torch.Tensor, fam, out_offsets: tuple[int, ...],
                token_slot: list[int]) -> torch.Tensor:
-    y = y.clone()
-    for t, s in enumerate(token_slot):
-        for i in range(len(out_offsets) - 1):
-            r = int(fam.ranks[s, i]) if s >= 0 else 0
-            if r:
-                lo, hi = out_offsets[i], out_offsets[i + 1]
-                delta = float(fam.scalings[s, i]) * (h[i, t, :r] @ fam.lora_b[s, :r, lo:hi].float())
-                y[t, lo:hi] = (y[t, lo:hi].float() + delta).to(y.dtype)
-    return y
+    return lora_expand_ref(h, fam.lora_b, fam.ranks, fam.scalings, out_offsets, _meta(token_slot, y.device),
+                           y.clone())
 
 
 def norm_lora_ref(x, residual, weight, eps, token_slot, expand=None, shrink=None):
-    """(out, s, h) with h summed (not partials); ``expand`` = (h [1, T, R], one-slice family)."""
+    """(out, s, h); ``expand`` = (h [1, T, R], one-slice family), ``shrink`` a family."""
     if expand is not None:
         x = expand_ref(x, expand[0], expand[1], (0, x.shape[1]), token_slot)
     if residual is None:

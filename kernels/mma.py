@@ -1,8 +1,17 @@
 """The one matrix product of the Triton kernels, in the precision each path needs."""
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
+
+
+def native_dot(dtype: torch.dtype) -> bool:
+    """Whether ``mma`` may multiply in ``dtype`` itself: fp16/bf16 on a GPU, never under the
+    interpreter (TRITON_INTERPRET=1 computes bf16 wrongly) nor for fp32 inputs."""
+    return os.environ.get("TRITON_INTERPRET") != "1" and dtype != torch.float32
 
 
 @triton.jit

@@ -14,22 +14,16 @@ a CUDA graph; programs past a sequence's context exit at once.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.mma import mma
+from kernels.mma import mma, native_dot
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 # Prefill tiles: query rows (positions x heads of a group) and keys per step.
 PREFILL_CONFIG = dict(rows=64, block_n=64, num_warps=4, num_stages=2)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -177,7 +171,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
     d_p2 = max(16, triton.next_power_of_2(head_dim))
-    native = not _interpreting() and q.dtype != torch.float32
+    native = native_dot(q.dtype)
     block_n = 64 if max_seqlen_q <= 1 else PREFILL_CONFIG["block_n"]
     num_warps, num_stages = 4, 2
     max_ctx = block_tables.shape[1] * page

@@ -15,23 +15,17 @@ scalings are read on the device; a slice of rank 0 costs one scalar load.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels.lora_meta import LoRAMeta
-from kernels.mma import mma
+from kernels.mma import mma, native_dot
 from kernels.sgmv_tiles import MAX_SLICES, _column_tile, column_tiles
 from kernels.sgmv_decode import MAX_TOKENS as MAX_DECODE_TOKENS
 from kernels.sgmv_decode import lora_apply_decode
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -270,7 +264,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta
     n_rb = triton.cdiv(max_rank, block_r)
     num_seg = meta.seg_slot.numel()
     grid = (triton.cdiv(t, block_m), n_slices * n_rb, split_k)
-    native = not _interpreting() and x.dtype != torch.float32
+    native = native_dot(x.dtype)
     _shrink_kernel[grid](
         x, lora_a, out, ranks, meta.sorted_idx, meta.seg_indptr, meta.seg_slot,
         k, x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), out.stride(0), out.stride(1), n_slices, max_rank,

@@ -15,21 +15,15 @@ slot capacity), so a decode step with these kernels can be captured in a graph.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels.lora_meta import LoRAMeta
-from kernels.mma import mma
+from kernels.mma import mma, native_dot
 from kernels.sgmv_tiles import _column_tile, column_tiles
 
 MAX_TOKENS = 64          # above this, the block-walking kernels of sgmv.py take over
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -127,7 +121,7 @@ def lora_apply_decode(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lo
     k_per_prog = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_prog)
     hp = torch.empty((split_k, n_slices, t, max_rank), dtype=torch.float32, device=x.device)
-    native = not _interpreting() and x.dtype != torch.float32
+    native = native_dot(x.dtype)
     ieee = x.dtype == torch.float32
     _shrink_seg_kernel[(num_seg, n_slices, split_k)](
         x, lora_a, hp, ranks, meta.sorted_idx, meta.seg_indptr, meta.seg_slot,

@@ -53,11 +53,7 @@ class LlamaModel:
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q, k = ops.rotary(q.view(t, cfg.num_heads, cfg.head_dim), k.view(t, cfg.num_kv_heads, cfg.head_dim),
                               self.cos, self.sin, s.positions)
-            v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-            k_cache, v_cache = kv_caches[i]
-            ops.write_kv(k, v, k_cache, v_cache, s.slot_mapping)
-            attn = ops.attention(q, k_cache, v_cache, s.block_tables, s.context_lens, s.cu_seqlens_q,
-                                 self.scale, s.max_q_len).reshape(t, cfg.q_size)
+            attn = self._attend(q, k, v, kv_caches[i], s)
             o = F.linear(attn, layer.o)
             if lora:
                 lora.apply(attn, o, i, "o", s.lora)
@@ -79,7 +75,7 @@ class LlamaModel:
         The shrinks accumulate into one zeroed buffer for the whole step (one memset, not one
         per layer): per layer 3 slices of qkv, then o, gate and up, down.
         """
-        cfg, ops, fl, t = self.cfg, self.ops, self.fused, s.input_ids.shape[0]
+        cfg, fl, t = self.cfg, self.fused, s.input_ids.shape[0]
         layers, fams, eps, meta = self.w.layers, self.lora.layers, cfg.rms_norm_eps, s.lora
         hbuf = torch.zeros((len(layers), 7, t, self.lora.max_rank), dtype=torch.float32, device=s.input_ids.device)
         h_qkv, h_o, h_gu, h_down = (hbuf[:, 0:3], hbuf[:, 3:4], hbuf[:, 4:6], hbuf[:, 6:7])
@@ -91,11 +87,7 @@ class LlamaModel:
             fl.rotary_lora_(qkv, h_qkv[i], fam["qkv"], self.cos, self.sin, s.positions, meta, cfg.num_heads,
                             cfg.num_kv_heads)
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            k_cache, v_cache = kv_caches[i]
-            ops.write_kv(k.view(t, cfg.num_kv_heads, cfg.head_dim), v.view(t, cfg.num_kv_heads, cfg.head_dim),
-                         k_cache, v_cache, s.slot_mapping)
-            attn = ops.attention(q.view(t, cfg.num_heads, cfg.head_dim), k_cache, v_cache, s.block_tables,
-                                 s.context_lens, s.cu_seqlens_q, self.scale, s.max_q_len).reshape(t, cfg.q_size)
+            attn = self._attend(q, k, v, kv_caches[i], s)
             o = F.linear(attn, layer.o)
             fl.shrink_cols(attn, h_o[i], fam["o"], meta)
             h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, expand=(h_o[i], fam["o"]),
@@ -108,6 +100,16 @@ class LlamaModel:
                                        expand=(h_down[i], fam["down"]),
                                        shrink=None if last else (h_qkv[i + 1], fams[i + 1]["qkv"]))
         return h
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], s: StepInputs) -> torch.Tensor:
+        """Write the step's K/V rows into the layer's paged cache, then attention: [T, q_size]."""
+        cfg, t = self.cfg, q.shape[0]
+        k_cache, v_cache = kv_cache
+        self.ops.write_kv(k.view(t, cfg.num_kv_heads, cfg.head_dim), v.view(t, cfg.num_kv_heads, cfg.head_dim),
+                          k_cache, v_cache, s.slot_mapping)
+        return self.ops.attention(q.view(t, cfg.num_heads, cfg.head_dim), k_cache, v_cache, s.block_tables,
+                                  s.context_lens, s.cu_seqlens_q, self.scale, s.max_q_len).reshape(t, cfg.q_size)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 logits."""
