@@ -1,30 +1,35 @@
-"""LoRA folded into the small fused ops of a decode step: 3 LoRA launches a layer instead of 8.
+"""One adapter's LoRA folded into a decode step's own kernels: no LoRA launch at all.
 
-A decode step applies LoRA 4 times a layer (qkv, o, gate_up, down). With
-separate shrink and expand kernels that is 8 launches a layer, 256 a step, and
-at batch 32 their fixed latency, not their bytes, is what LoRA costs
-(bench/NOTES-kernels.md). Here each shrink and expand rides in a kernel that
-sits next to its projection anyway:
+A decode step applies LoRA 4 times a layer (qkv, o, gate_up, down); as separate
+shrink and expand kernels that is 8 launches a layer, and at batch 32 their fixed
+latency, not their bytes, is what LoRA costs (bench/NOTES-kernels.md). For a step
+whose LoRA tokens all use one adapter, every shrink and expand rides in a kernel
+the step runs anyway:
 
-    input norm = expand_add (expand of the previous down, + residual, row sums of squares)
-                 + norm_shrink (w * rmsnorm, shrink of qkv)
+    qkv GEMM     shrink of q, k, v: the adapter's A rows sit under the base weight
+                 (``LoRATails``), so the GEMM's extra output columns are h
     rotary       expand of q, k, v, then rotary on q and k, in place
-    shrink_cols  shrink of o (the attention output has no other kernel to join)
-    post norm  = expand_add (expand of o) + norm_shrink (shrink of gate_up)
-    SiLU-mul     expand of gate/up, silu(g) * u, shrink of down
+    o GEMM       shrink of o, the same way
+    post norm    expand of o, + residual, w * rmsnorm (one row a program)
+    gate_up GEMM shrink of gate and up, the same way
+    SiLU-mul     expand of gate/up, silu(g) * u, shrink of down (a partial per column tile)
+    input norm   expand of the previous down (summing those partials), + residual, w * rmsnorm
 
-so LoRA adds expand_add (the norm is split in two: its row statistic needs the
-whole expanded row) twice and shrink_cols once a layer. Every kernel takes all
-tokens of the step in one tile (at most ``MAX_TOKENS``) and a tile of columns,
-and walks the step's adapters (segments): one adapter's weight tile is loaded
-once and multiplied with that adapter's rows, so each adapter's A and B are
-read once a step whatever the mix, as in SGMV.
+Why these places (bench/NOTES-kernels.md, batch 32 on the H100): 64 extra rows cost
+cuBLAS 0.3-1.7 us under qkv, o and gate_up but 3 us under down, whose shrink
+therefore runs in SiLU-mul, the kernel that makes its input; a norm that also
+shrank gate/up took 8.3 us against 4.4 us for expand alone (one row a program
+reads its whole A).
 
-Shrinks add their column tile's share into ``h[n_slices, T, max_rank]``
-(float32, atomics), which must start at zero: the engine zeroes one buffer for
-all layers at the start of a step. Semantics (``kernels/fused_lora_torch.py``)
-are those of the unfused path: the expanded projection output is rounded to the
-model dtype before the op that follows, as if ``lora_apply`` had updated it.
+h comes in two forms, each ``[parts, T, >= max_rank]`` with any strides, summed
+over parts: a GEMM's extra columns (model dtype, one part) and SiLU-mul's per-tile
+partials (float32, many parts). Nothing is accumulated atomically, so no buffer
+needs zeroing.
+
+Semantics (``kernels/fused_lora_torch.py``) are those of the unfused path: the
+expanded projection output is rounded to the model dtype before the op that
+follows, as if ``lora_apply`` had updated it. Rows whose token has no adapter
+(slot -1) get no LoRA.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from kernels.mma import mma, native_dot
 
 MAX_TOKENS = 64
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+RANK_CHUNK = 8      # rank rows a norm program handles at once ([RANK_CHUNK, hidden] tiles; tuned on the H100)
 
 
 @dataclass
@@ -55,164 +61,77 @@ class LoRAWeights:
 # ----------------------------------------------------------------------------- device helpers
 
 @triton.jit
-def _tile(T, n, BLOCK_M: tl.constexpr, BN: tl.constexpr):
-    """All the step's rows and this program's column tile, with their masks."""
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    col_ok = cols < n
-    return rows, row_ok, cols, col_ok, row_ok[:, None] & col_ok[None, :]
+def _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok):
+    """The step's adapter slot, and which rows use it."""
+    slot = tl.load(seg_slot_ptr)
+    tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
+    return slot, (tslot == slot) & (tslot >= 0)
 
 
 @triton.jit
-def _pick(vec, j, N: tl.constexpr):
-    return tl.sum(tl.where(tl.arange(0, N) == j, vec, 0), axis=0)
-
-
-@triton.jit
-def _segments(seg_slot_ptr, seg_cap, SEG_P2: tl.constexpr):
-    """The step's slots (-1 past the last) and how many there are."""
-    s = tl.arange(0, SEG_P2)
-    slots = tl.load(seg_slot_ptr + s, mask=s < seg_cap, other=-1)
-    return slots, tl.sum((slots >= 0).to(tl.int32), axis=0)
-
-
-@triton.jit
-def _per_segment(ptr, slots, n_slices, sl):
-    """ranks[slot, sl] (or scalings) for every segment; 0 for unused ones."""
-    return tl.load(ptr + tl.maximum(slots, 0) * n_slices + sl, mask=slots >= 0, other=0)
-
-
-@triton.jit
-def _load_h(h_ptr, stride_ht, rows, row_ok, max_rank, BLOCK_R: tl.constexpr):
+def _load_h(h_ptr, stride_ht, rows, use, rank, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """h[rows, :rank] as float32 [BLOCK_M, BLOCK_R]; 0 past the rank and for rows without LoRA."""
     r = tl.arange(0, BLOCK_R)
-    return tl.load(h_ptr + rows[:, None] * stride_ht + r[None, :], mask=row_ok[:, None] & (r < max_rank)[None, :],
-                   other=0.0)
+    return tl.load(h_ptr + rows[:, None] * stride_ht + r[None, :], mask=use[:, None] & (r < rank)[None, :],
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _expand_one(acc, h, tslot, slots, j, rank_v, scal_v, b_ptr, stride_bs, stride_br, cols, col_ok,
-                BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, IEEE: tl.constexpr):
+def _expand_tile(acc, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, cols, col_ok,
+                 BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    """acc[t, cols] += scaling * h[t, :rank] @ B[slot, :rank, cols] (h already 0 where it must not count)."""
     r = tl.arange(0, BLOCK_R)
-    slot = _pick(slots, j, SEG_P2)
-    rank = _pick(rank_v, j, SEG_P2)
-    hj = tl.where((tslot == slot)[:, None] & (r < rank)[None, :], h, 0.0) * _pick(scal_v, j, SEG_P2)
-    b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + r[:, None] * stride_br + cols[None, :],
+    b = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs + r[:, None] * stride_br + cols[None, :],
                 mask=(r < rank)[:, None] & col_ok[None, :], other=0.0)
-    return acc + mma(hj, b.to(tl.float32), False, IEEE)
-
-
-@triton.jit
-def _expand_tile(acc, h, tslot, slots, nseg, rank_v, scal_v, b_ptr, stride_bs, stride_br, cols, col_ok,
-                 BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr):
-    """acc[t, cols] += scaling * h[t, :r] @ B[slot(t), :r, cols], one weight tile per adapter of the step.
-
-    SINGLE: the step has one adapter, so no loop: straight-line code lets the
-    weight load issue with the kernel's other loads instead of after them.
-    """
-    if SINGLE:
-        acc = _expand_one(acc, h, tslot, slots, 0, rank_v, scal_v, b_ptr, stride_bs, stride_br, cols, col_ok,
-                          BLOCK_R, SEG_P2, IEEE)
-    else:
-        for j in range(0, nseg):
-            acc = _expand_one(acc, h, tslot, slots, j, rank_v, scal_v, b_ptr, stride_bs, stride_br, cols, col_ok,
-                              BLOCK_R, SEG_P2, IEEE)
-    return acc
-
-
-@triton.jit
-def _shrink_one(acc, x, tslot, slots, j, rank_v, a_ptr, stride_as, stride_ar, cols, col_ok,
-                BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
-    r = tl.arange(0, BLOCK_R)
-    slot = _pick(slots, j, SEG_P2)
-    rank = _pick(rank_v, j, SEG_P2)
-    a = tl.load(a_ptr + slot.to(tl.int64) * stride_as + r[:, None] * stride_ar + cols[None, :],
-                mask=(r < rank)[:, None] & col_ok[None, :], other=0.0)
-    xj = tl.where((tslot == slot)[:, None], x, 0.0).to(x.dtype)
-    return acc + mma(xj, tl.trans(a), NATIVE, IEEE)
-
-
-@triton.jit
-def _shrink_tile(x, tslot, slots, nseg, rank_v, a_ptr, stride_as, stride_ar, cols, col_ok,
-                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr,
-                 NATIVE: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr):
-    """x[t, cols] @ A[slot(t), :r, cols].T for every row (float32 [BLOCK_M, BLOCK_R]); A offset to the slice."""
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if SINGLE:
-        acc = _shrink_one(acc, x, tslot, slots, 0, rank_v, a_ptr, stride_as, stride_ar, cols, col_ok,
-                          BLOCK_R, SEG_P2, NATIVE, IEEE)
-    else:
-        for j in range(0, nseg):
-            acc = _shrink_one(acc, x, tslot, slots, j, rank_v, a_ptr, stride_as, stride_ar, cols, col_ok,
-                              BLOCK_R, SEG_P2, NATIVE, IEEE)
-    return acc
-
-
-@triton.jit
-def _add_h(h_ptr, stride_ht, rows, row_ok, max_rank, acc, BLOCK_R: tl.constexpr):
-    r = tl.arange(0, BLOCK_R)
-    tl.atomic_add(h_ptr + rows[:, None] * stride_ht + r[None, :], acc, mask=row_ok[:, None] & (r < max_rank)[None, :])
+    return acc + mma(h * scaling, b.to(tl.float32), False, IEEE)
 
 
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _expand_add_kernel(x_ptr, r_ptr, s_ptr, sq_ptr, slot_ptr, seg_slot_ptr, h_ptr, b_ptr, ranks_ptr, scal_ptr,
-                       T, n, stride_x, stride_r, stride_s, stride_ht, stride_bs, stride_br, seg_cap, max_rank,
-                       HAS_RES: tl.constexpr, EXPAND: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
-                       BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr):
-    rows, row_ok, cols, col_ok, m = _tile(T, n, BLOCK_M, BN)
-    dt = s_ptr.dtype.element_ty
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, seg_slot_ptr, h_ptr, b_ptr, rank_ptr, scal_ptr,
+                      n, n_parts, stride_x, stride_r, stride_o, stride_s, stride_hp, stride_ht, stride_bs, stride_br,
+                      eps, HAS_RES: tl.constexpr, EXPAND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                      P_P2: tl.constexpr, RC: tl.constexpr):
+    """One row: s = x + expand + residual, out = w * rmsnorm(s)."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    cm = cols < n
+    dt = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
     if EXPAND:
-        tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
-        slots, nseg = _segments(seg_slot_ptr, seg_cap, SEG_P2)
-        h = _load_h(h_ptr, stride_ht, rows, row_ok, max_rank, BLOCK_R)
-        delta = _expand_tile(tl.zeros((BLOCK_M, BN), dtype=tl.float32), h, tslot, slots, nseg,
-                             _per_segment(ranks_ptr, slots, 1, 0), _per_segment(scal_ptr, slots, 1, 0),
-                             b_ptr, stride_bs, stride_br, cols, col_ok, BLOCK_R, SEG_P2, IEEE, SINGLE)
+        slot = tl.load(seg_slot_ptr)
+        use = (tl.load(slot_ptr + row) == slot) & (slot >= 0)
+        slot = tl.maximum(slot, 0).to(tl.int64)
+        # h summed over its parts once ([P_P2, BLOCK_R] in one load), then B in [RC, hidden] tiles
+        rank = tl.where(use, tl.load(rank_ptr + slot), 0)
+        p = tl.arange(0, P_P2)
+        rr = tl.arange(0, BLOCK_R)
+        hv = tl.sum(tl.load(h_ptr + p[:, None] * stride_hp + row * stride_ht + rr[None, :],
+                            mask=(p < n_parts)[:, None] & (rr < rank)[None, :], other=0.0).to(tl.float32), axis=0)
+        hv = tl.reshape(hv * tl.load(scal_ptr + slot), (BLOCK_R // RC, RC))
+        delta = tl.zeros((BLOCK,), dtype=tl.float32)
+        for rc in tl.static_range(0, BLOCK_R, RC):
+            r = rc + tl.arange(0, RC)
+            hc = tl.sum(tl.where((tl.arange(0, BLOCK_R // RC) == rc // RC)[:, None], hv, 0.0), axis=0)
+            b = tl.load(b_ptr + slot * stride_bs + r[:, None] * stride_br + cols[None, :],
+                        mask=(r < rank)[:, None] & cm[None, :], other=0.0).to(tl.float32)
+            delta += tl.sum(hc[:, None] * b, axis=0)
         x = (x + delta).to(dt).to(tl.float32)
     if HAS_RES:
-        x = (x + tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=m, other=0.0).to(tl.float32))
-        x = x.to(dt).to(tl.float32)
+        x = (x + tl.load(r_ptr + row * stride_r + cols, mask=cm, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
     if HAS_RES or EXPAND:
-        tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], x.to(dt), mask=m)
-    tl.store(sq_ptr + tl.program_id(0) * BLOCK_M + rows, tl.sum(x * x, axis=1), mask=row_ok)
-
-
-@triton.jit
-def _norm_shrink_kernel(s_ptr, w_ptr, out_ptr, sq_ptr, slot_ptr, seg_slot_ptr, a_ptr, ranks_ptr, h_ptr,
-                        T, n, n_chunks, stride_s, stride_o, stride_as, stride_ai, stride_ar, stride_hs, stride_ht,
-                        seg_cap, max_rank, eps,
-                        SHRINK: tl.constexpr, N_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
-                        BLOCK_R: tl.constexpr, CH_P2: tl.constexpr, SEG_P2: tl.constexpr,
-                        NATIVE: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr):
-    rows, row_ok, cols, col_ok, m = _tile(T, n, BLOCK_M, BN)
-    dt = out_ptr.dtype.element_ty
-    c = tl.arange(0, CH_P2)
-    sq = tl.load(sq_ptr + c[:, None] * BLOCK_M + rows[None, :], mask=(c < n_chunks)[:, None] & row_ok[None, :],
-                 other=0.0)
-    rstd = tl.rsqrt(tl.sum(sq, axis=0) / n + eps)
-    s = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = (w[None, :] * (s * rstd[:, None]).to(dt).to(tl.float32)).to(dt)
-    if SHRINK:
-        tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
-        slots, nseg = _segments(seg_slot_ptr, seg_cap, SEG_P2)
-        for sl in tl.static_range(N_SLICES):
-            acc = _shrink_tile(y, tslot, slots, nseg, _per_segment(ranks_ptr, slots, N_SLICES, sl),
-                               a_ptr + sl * stride_ai, stride_as, stride_ar, cols, col_ok,
-                               BLOCK_M, BLOCK_R, SEG_P2, NATIVE, IEEE, SINGLE)
-            _add_h(h_ptr + sl * stride_hs, stride_ht, rows, row_ok, max_rank, acc, BLOCK_R)
-    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y, mask=m)     # after the weight loads
+        tl.store(s_ptr + row * stride_s + cols, x.to(dt), mask=cm)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (w * (x * rstd).to(dt).to(tl.float32)).to(dt), mask=cm)
 
 
 @triton.jit
 def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_ptr, h_ptr, b_ptr, ranks_ptr,
-                        scal_ptr, T, stride_t, stride_c, stride_hs, stride_ht, stride_bs, stride_br, seg_cap, max_rank,
+                        scal_ptr, T, stride_t, stride_c, stride_hs, stride_ht, stride_bs, stride_br,
                         HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, IEEE: tl.constexpr,
-                        SINGLE: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     hh = tl.program_id(0)                                   # q heads, then k heads, then v heads
     sl = (hh >= HQ).to(tl.int32) + (hh >= HQ + HK).to(tl.int32)
     rows = tl.arange(0, BLOCK_M)
@@ -225,16 +144,15 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
     p1 = qkv_ptr + rows[:, None] * stride_t + col[None, :]
     x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + HALF, mask=m, other=0.0).to(tl.float32)
-    tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
-    slots, nseg = _segments(seg_slot_ptr, seg_cap, SEG_P2)
-    rank_v = _per_segment(ranks_ptr, slots, 3, sl)
-    scal_v = _per_segment(scal_ptr, slots, 3, sl)
-    h = _load_h(h_ptr + sl * stride_hs, stride_ht, rows, row_ok, max_rank, BLOCK_R)
+    slot, use = _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok)
+    rank = tl.load(ranks_ptr + tl.maximum(slot, 0) * 3 + sl)
+    scaling = tl.load(scal_ptr + tl.maximum(slot, 0) * 3 + sl)
+    h = _load_h(h_ptr + sl * stride_hs, stride_ht, rows, use, rank, BLOCK_M, BLOCK_R)
     zero = tl.zeros((BLOCK_M, HALF_P2), dtype=tl.float32)
-    x1 = (x1 + _expand_tile(zero, h, tslot, slots, nseg, rank_v, scal_v, b_ptr, stride_bs, stride_br, col, dm,
-                            BLOCK_R, SEG_P2, IEEE, SINGLE)).to(dt).to(tl.float32)
-    x2 = (x2 + _expand_tile(zero, h, tslot, slots, nseg, rank_v, scal_v, b_ptr, stride_bs, stride_br, col + HALF,
-                            dm, BLOCK_R, SEG_P2, IEEE, SINGLE)).to(dt).to(tl.float32)
+    x1 = (x1 + _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col, dm,
+                            BLOCK_R, IEEE)).to(dt).to(tl.float32)
+    x2 = (x2 + _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col + HALF, dm,
+                            BLOCK_R, IEEE)).to(dt).to(tl.float32)
     if hh < HQ + HK:
         pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
         cos = tl.load(cos_ptr + pos[:, None] * stride_c + d[None, :], mask=m, other=0.0).to(tl.float32)
@@ -247,63 +165,41 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
 @triton.jit
 def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, hg_ptr, bg_ptr, rank_g_ptr, scal_g_ptr,
                           a_ptr, rank_d_ptr, hd_ptr, T, n, stride_g, stride_o, stride_hgs, stride_hgt, stride_bgs,
-                          stride_bgr, stride_as, stride_ar, stride_hdt, seg_cap, max_rank,
-                          EXPAND: tl.constexpr, SHRINK: tl.constexpr, BLOCK_M: tl.constexpr, BN: tl.constexpr,
-                          BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr,
-                          SINGLE: tl.constexpr):
-    rows, row_ok, cols, col_ok, m = _tile(T, n, BLOCK_M, BN)
+                          stride_bgr, stride_as, stride_ar, stride_hdp, stride_hdt,
+                          BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr,
+                          NATIVE: tl.constexpr, IEEE: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    col_ok = cols < n
+    m = row_ok[:, None] & col_ok[None, :]
     dt = out_ptr.dtype.element_ty
     g = tl.load(gu_ptr + rows[:, None] * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + rows[:, None] * stride_g + n + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
-    slots, nseg = _segments(seg_slot_ptr, seg_cap, SEG_P2)
-    if EXPAND:
-        zero = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-        g = g + _expand_tile(zero, _load_h(hg_ptr, stride_hgt, rows, row_ok, max_rank, BLOCK_R), tslot, slots, nseg,
-                             _per_segment(rank_g_ptr, slots, 2, 0), _per_segment(scal_g_ptr, slots, 2, 0),
-                             bg_ptr, stride_bgs, stride_bgr, cols, col_ok, BLOCK_R, SEG_P2, IEEE, SINGLE)
-        u = u + _expand_tile(zero, _load_h(hg_ptr + stride_hgs, stride_hgt, rows, row_ok, max_rank, BLOCK_R), tslot,
-                             slots, nseg, _per_segment(rank_g_ptr, slots, 2, 1), _per_segment(scal_g_ptr, slots, 2, 1),
-                             bg_ptr, stride_bgs, stride_bgr, n + cols, col_ok, BLOCK_R, SEG_P2, IEEE, SINGLE)
-        g = g.to(dt).to(tl.float32)
-        u = u.to(dt).to(tl.float32)
+    slot, use = _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok)
+    s0 = tl.maximum(slot, 0)
+    zero = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    rank = tl.load(rank_g_ptr + s0 * 2)
+    hg = _load_h(hg_ptr, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
+    g = (g + _expand_tile(zero, hg, slot, rank, tl.load(scal_g_ptr + s0 * 2), bg_ptr, stride_bgs, stride_bgr, cols,
+                          col_ok, BLOCK_R, IEEE)).to(dt).to(tl.float32)
+    rank = tl.load(rank_g_ptr + s0 * 2 + 1)
+    hu = _load_h(hg_ptr + stride_hgs, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
+    u = (u + _expand_tile(zero, hu, slot, rank, tl.load(scal_g_ptr + s0 * 2 + 1), bg_ptr, stride_bgs, stride_bgr,
+                          n + cols, col_ok, BLOCK_R, IEEE)).to(dt).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g)) * u).to(dt)
-    if SHRINK:
-        acc = _shrink_tile(act, tslot, slots, nseg, _per_segment(rank_d_ptr, slots, 1, 0), a_ptr, stride_as,
-                           stride_ar, cols, col_ok, BLOCK_M, BLOCK_R, SEG_P2, NATIVE, IEEE, SINGLE)
-        _add_h(hd_ptr, stride_hdt, rows, row_ok, max_rank, acc, BLOCK_R)
+    # shrink of down: this column tile's share, stored as its own part (no atomics, nothing to zero)
+    r = tl.arange(0, BLOCK_R)
+    rank_d = tl.load(rank_d_ptr + s0)
+    a = tl.load(a_ptr + s0.to(tl.int64) * stride_as + r[:, None] * stride_ar + cols[None, :],
+                mask=(r < rank_d)[:, None] & col_ok[None, :], other=0.0)
+    part = mma(tl.where(use[:, None], act, 0.0).to(dt), tl.trans(a), NATIVE, IEEE)
+    tl.store(hd_ptr + tl.program_id(0) * stride_hdp + rows[:, None] * stride_hdt + r[None, :], part,
+             mask=row_ok[:, None])
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], act, mask=m)     # after the weight loads
 
 
-@triton.jit
-def _shrink_cols_kernel(x_ptr, a_ptr, ranks_ptr, slot_ptr, seg_slot_ptr, h_ptr, T, n, stride_x, stride_as, stride_ai,
-                        stride_ar, stride_hs, stride_ht, seg_cap, max_rank, N_SLICES: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, SEG_P2: tl.constexpr,
-                        NATIVE: tl.constexpr, IEEE: tl.constexpr, SINGLE: tl.constexpr):
-    rows, row_ok, cols, col_ok, m = _tile(T, n, BLOCK_M, BN)
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
-    slots, nseg = _segments(seg_slot_ptr, seg_cap, SEG_P2)
-    for sl in tl.static_range(N_SLICES):
-        acc = _shrink_tile(x, tslot, slots, nseg, _per_segment(ranks_ptr, slots, N_SLICES, sl), a_ptr + sl * stride_ai,
-                           stride_as, stride_ar, cols, col_ok, BLOCK_M, BLOCK_R, SEG_P2, NATIVE, IEEE, SINGLE)
-        _add_h(h_ptr + sl * stride_hs, stride_ht, rows, row_ok, max_rank, acc, BLOCK_R)
-
-
 # ----------------------------------------------------------------------------- host side
-
-def _consts(x: torch.Tensor, meta: LoRAMeta, max_rank: int) -> dict:
-    t = x.shape[0]
-    if t > MAX_TOKENS:
-        raise ValueError(f"fused LoRA takes at most {MAX_TOKENS} tokens a step, got {t}")
-    return dict(BLOCK_M=max(16, triton.next_power_of_2(t)), BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
-                SEG_P2=max(2, triton.next_power_of_2(meta.seg_slot.numel())), IEEE=not native_dot(x.dtype),
-                SINGLE=meta.num_segments == 1)
-
-
-def _block_n(t: int) -> int:
-    return 128 if t <= 32 else 64
-
 
 def _check_family(name: str, fam, n_in: int | None, n_out: int | None, slices: int) -> None:
     a, b = fam.lora_a, fam.lora_b
@@ -319,67 +215,65 @@ def _check_family(name: str, fam, n_in: int | None, n_out: int | None, slices: i
                              f"{v.dtype} {tuple(v.shape)}")
 
 
-def _check_h(name: str, h: torch.Tensor, slices: int, t: int, fam) -> None:
-    want = (slices, t, fam.lora_a.shape[2])
-    if h.dtype != torch.float32 or tuple(h.shape) != want or h.stride(2) != 1:
-        raise ValueError(f"{name}: h must be float32 {list(want)} with unit last stride, got {h.dtype} {tuple(h.shape)}")
+def _check_h(name: str, h: torch.Tensor, parts: int | None, t: int, fam) -> None:
+    """h [parts, T, >= max_rank] in any float dtype, unit stride along the rank."""
+    rank = fam.lora_a.shape[2]
+    if h.dim() != 3 or h.dtype not in _DTYPES or (parts is not None and h.shape[0] != parts) \
+            or h.shape[1] != t or h.shape[2] < rank or h.stride(2) != 1:
+        raise ValueError(f"{name}: h must be [{parts or 'parts'}, {t}, >= {rank}] with unit last stride, "
+                         f"got {h.dtype} {tuple(h.shape)} strides {h.stride()}")
 
 
 def _check_meta(meta: LoRAMeta, t: int) -> None:
+    if t > MAX_TOKENS:
+        raise ValueError(f"fused LoRA takes at most {MAX_TOKENS} tokens a step, got {t}")
     if meta.token_slot.numel() < t or meta.token_slot.dtype != torch.int32:
         raise ValueError(f"the LoRA metadata holds {meta.token_slot.numel()} tokens, the step {t}")
+    if meta.num_segments > 1:
+        raise ValueError(f"fused LoRA takes one adapter a step, this one has {meta.num_segments}")
+
+
+def _block_r(fam) -> int:
+    return triton.next_power_of_2(fam.lora_a.shape[2])
+
+
 
 
 def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, meta: LoRAMeta, *,
-              expand: tuple[torch.Tensor, object] | None = None,
-              shrink: tuple[torch.Tensor, object] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, s): s = expand(x) + residual, out = w * rmsnorm(s), and h_shrink += out @ A.T.
+              expand: tuple[torch.Tensor, object] | None = None, rank_chunk: int = RANK_CHUNK,
+              num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, s): s = x + expand + residual, out = w * rmsnorm(s); one program a row.
 
-    ``expand`` = (h [1, T, R], one-slice family): x[t] += scaling * h[t] @ B[slot(t)]
-    first, rounded to x's dtype. ``shrink`` = (h_out [n_slices, T, R] zeroed, family).
-    Without residual and expand, s is x itself.
+    ``expand`` = (h [parts, T, R], one-slice family): x[t] += scaling * sum_p h[p, t] @ B[slot]
+    first, rounded to x's dtype. Without residual and expand, s is x itself.
     """
     check_norm_args(x, residual, weight)
     t, n = x.shape
     _check_meta(meta, t)
-    he, fe = expand if expand is not None else (None, None)
-    hs, fs = shrink if shrink is not None else (None, None)
-    if fe is not None:
-        _check_family("expand", fe, None, n, 1)
-        _check_h("expand", he, 1, t, fe)
-    if fs is not None:
-        _check_family("shrink", fs, n, None, fs.lora_a.shape[1])
-        _check_h("shrink", hs, fs.lora_a.shape[1], t, fs)
-    max_rank = (fe or fs).lora_a.shape[2] if (fe or fs) is not None else 16
-    k = _consts(x, meta, max_rank)
-    bn = _block_n(t)
-    chunks = triton.cdiv(n, bn)
+    h, fam = expand if expand is not None else (None, None)
+    if fam is not None:
+        _check_family("expand", fam, None, n, 1)
+        _check_h("expand", h, None, t, fam)
     out = torch.empty_like(x)
-    s = torch.empty_like(x) if residual is not None or fe is not None else x
-    sq = torch.empty((chunks, k["BLOCK_M"]), dtype=torch.float32, device=x.device)
-    if not t:
-        return out, s
-    seg_cap = meta.seg_slot.numel()
-    _expand_add_kernel[(chunks,)](
-        x, residual if residual is not None else x, s, sq, meta.token_slot, meta.seg_slot,
-        he if fe is not None else sq, fe.lora_b if fe is not None else x,
-        fe.ranks if fe is not None else meta.token_slot, fe.scalings if fe is not None else sq,
-        t, n, x.stride(0), residual.stride(0) if residual is not None else 0, s.stride(0),
-        he.stride(1) if fe is not None else 0, *(fe.lora_b.stride()[:2] if fe is not None else (0, 0)), seg_cap,
-        max_rank, HAS_RES=residual is not None, EXPAND=fe is not None, BN=bn, num_warps=4, **k)
-    _norm_shrink_kernel[(chunks,)](
-        s, weight, out, sq, meta.token_slot, meta.seg_slot, fs.lora_a if fs is not None else x,
-        fs.ranks if fs is not None else meta.token_slot, hs if fs is not None else sq,
-        t, n, chunks, s.stride(0), out.stride(0), *(fs.lora_a.stride()[:3] if fs is not None else (0, 0, 0)),
-        *(hs.stride()[:2] if fs is not None else (0, 0)), seg_cap, max_rank, eps,
-        SHRINK=fs is not None, N_SLICES=fs.lora_a.shape[1] if fs is not None else 1, BN=bn,
-        CH_P2=triton.next_power_of_2(chunks), NATIVE=native_dot(x.dtype), num_warps=4, num_stages=3, **k)
+    s = torch.empty_like(x) if residual is not None or fam is not None else x
+    if t:
+        _norm_lora_kernel[(t,)](
+            x, residual if residual is not None else x, weight, out, s, meta.token_slot, meta.seg_slot,
+            h if fam is not None else out, fam.lora_b if fam is not None else x,
+            fam.ranks if fam is not None else meta.token_slot, fam.scalings if fam is not None else out,
+            n, h.shape[0] if fam is not None else 0, x.stride(0), residual.stride(0) if residual is not None else 0,
+            out.stride(0), s.stride(0), *(h.stride()[:2] if fam is not None else (0, 0)),
+            *(fam.lora_b.stride()[:2] if fam is not None else (0, 0)), eps,
+            HAS_RES=residual is not None, EXPAND=fam is not None, BLOCK=triton.next_power_of_2(n),
+            BLOCK_R=max(rank_chunk, _block_r(fam)) if fam is not None else rank_chunk,
+            P_P2=triton.next_power_of_2(h.shape[0]) if fam is not None else 1, RC=rank_chunk, num_warps=num_warps)
     return out, s
 
 
 def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin: torch.Tensor,
                  positions: torch.Tensor, meta: LoRAMeta, num_heads: int, num_kv_heads: int) -> None:
-    """In place on qkv [T, (HQ + 2 HK) * D]: q, k, v += LoRA expand (rounded), then rotary on q and k."""
+    """In place on qkv [T, (HQ + 2 HK) * D]: q, k, v += scaling * h[i] @ B (rounded), then rotary on q and k.
+    h [3, T, R]: the qkv GEMM's extra columns, or any float tensor of that shape."""
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.dtype not in _DTYPES:
         raise ValueError(f"qkv must be 2-D with unit column stride, got {tuple(qkv.shape)}")
     t, width = qkv.shape
@@ -394,63 +288,81 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
         raise ValueError(f"cos/sin must be [max_pos, {dim}], got {tuple(cos.shape)}")
     if positions.shape != (t,):
         raise ValueError(f"positions must be [{t}], got {tuple(positions.shape)}")
-    k = _consts(qkv, meta, fam.lora_a.shape[2])
     if t:
         _rotary_lora_kernel[(heads,)](
             qkv, cos, sin, positions, meta.token_slot, meta.seg_slot, h, fam.lora_b, fam.ranks, fam.scalings,
             t, qkv.stride(0), cos.stride(0), h.stride(0), h.stride(1), *fam.lora_b.stride()[:2],
-            meta.seg_slot.numel(), fam.lora_a.shape[2], HQ=num_heads, HK=num_kv_heads, HALF=dim // 2,
-            HALF_P2=max(16, triton.next_power_of_2(dim // 2)), num_warps=4, num_stages=3, **k)
+            HQ=num_heads, HK=num_kv_heads, HALF=dim // 2, HALF_P2=max(16, triton.next_power_of_2(dim // 2)),
+            BLOCK_M=max(16, triton.next_power_of_2(t)), BLOCK_R=max(16, _block_r(fam)),
+            IEEE=not native_dot(qkv.dtype), num_warps=4, num_stages=3)
 
 
-def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, *, expand: tuple[torch.Tensor, object] | None = None,
-                  shrink: tuple[torch.Tensor, object] | None = None) -> torch.Tensor:
-    """act = silu(g) * u after gate_up += expand (rounded); h_down += act @ A_down.T."""
+def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam,
+                  down_fam, block_n: int = 64, num_warps: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act, h_down): gate_up += scaling * h_gate_up[i] @ B (rounded), act = silu(g) * u, and
+    h_down = act @ A_down.T as float32 parts [column tiles, T, R] (sum them over the first dim)."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1 or gate_up.dtype not in _DTYPES:
         raise ValueError(f"gate_up must be [T, 2I] with unit column stride, got {tuple(gate_up.shape)}")
     t, n2 = gate_up.shape
     n = n2 // 2
     _check_meta(meta, t)
-    hg, fg = expand if expand is not None else (None, None)
-    hd, fd = shrink if shrink is not None else (None, None)
-    if fg is not None:
-        _check_family("gate_up", fg, None, n2, 2)
-        _check_h("gate_up", hg, 2, t, fg)
-    if fd is not None:
-        _check_family("down", fd, n, None, 1)
-        _check_h("down", hd, 1, t, fd)
-    max_rank = (fg or fd).lora_a.shape[2] if (fg or fd) is not None else 16
-    k = _consts(gate_up, meta, max_rank)
-    bn = _block_n(t)
+    _check_family("gate_up", gate_up_fam, None, n2, 2)
+    _check_h("gate_up", h_gate_up, 2, t, gate_up_fam)
+    _check_family("down", down_fam, n, None, 1)
+    bn = block_n
+    tiles = triton.cdiv(n, bn)
+    block_r = max(16, _block_r(gate_up_fam), _block_r(down_fam))
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
+    h_down = torch.empty((tiles, t, block_r), dtype=torch.float32, device=gate_up.device)
     if t:
-        _silu_mul_lora_kernel[(triton.cdiv(n, bn),)](
-            gate_up, out, meta.token_slot, meta.seg_slot, hg if fg is not None else out,
-            fg.lora_b if fg is not None else out, fg.ranks if fg is not None else meta.token_slot,
-            fg.scalings if fg is not None else out, fd.lora_a if fd is not None else out,
-            fd.ranks if fd is not None else meta.token_slot, hd if fd is not None else out,
-            t, n, gate_up.stride(0), out.stride(0), *(hg.stride()[:2] if fg is not None else (0, 0)),
-            *(fg.lora_b.stride()[:2] if fg is not None else (0, 0)),
-            fd.lora_a.stride(0) if fd is not None else 0, fd.lora_a.stride(2) if fd is not None else 0,
-            hd.stride(1) if fd is not None else 0, meta.seg_slot.numel(), max_rank,
-            EXPAND=fg is not None, SHRINK=fd is not None, BN=bn, NATIVE=native_dot(gate_up.dtype), num_warps=4,
-            num_stages=3, **k)
-    return out
+        _silu_mul_lora_kernel[(tiles,)](
+            gate_up, out, meta.token_slot, meta.seg_slot, h_gate_up, gate_up_fam.lora_b, gate_up_fam.ranks,
+            gate_up_fam.scalings, down_fam.lora_a, down_fam.ranks, h_down, t, n, gate_up.stride(0), out.stride(0),
+            h_gate_up.stride(0), h_gate_up.stride(1), *gate_up_fam.lora_b.stride()[:2], down_fam.lora_a.stride(0),
+            down_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1),
+            BLOCK_M=max(16, triton.next_power_of_2(t)), BN=bn, BLOCK_R=block_r, NATIVE=native_dot(gate_up.dtype),
+            IEEE=not native_dot(gate_up.dtype), num_warps=num_warps)
+    return out, h_down
 
 
-def shrink_cols(x: torch.Tensor, h: torch.Tensor, fam, meta: LoRAMeta) -> None:
-    """h[i, t] += x[t] @ A[slot(t), i, :r].T, one program per column tile of x (h zeroed by the caller)."""
-    if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in _DTYPES:
-        raise ValueError(f"x must be 2-D with unit column stride, got {tuple(x.shape)}")
-    t, n = x.shape
-    slices = fam.lora_a.shape[1]
-    _check_family("shrink", fam, n, None, slices)
-    _check_h("shrink", h, slices, t, fam)
-    _check_meta(meta, t)
-    k = _consts(x, meta, fam.lora_a.shape[2])
-    bn = _block_n(t)
-    if t:
-        _shrink_cols_kernel[(triton.cdiv(n, bn),)](
-            x, fam.lora_a, fam.ranks, meta.token_slot, meta.seg_slot, h, t, n, x.stride(0),
-            *fam.lora_a.stride()[:3], h.stride(0), h.stride(1), meta.seg_slot.numel(), fam.lora_a.shape[2],
-            N_SLICES=slices, BN=bn, NATIVE=native_dot(x.dtype), num_warps=4, num_stages=3, **k)
+class LoRATails:
+    """Base projection weights with room under them for one adapter's A rows.
+
+    ``add(w, bias)`` makes ``ext = [out + pad, in]`` whose first ``out`` rows are ``w`` and
+    returns that part as a view: the model keeps it as the layer's weight, so every other
+    path reads exactly what it read before, and the original tensor can go. The next
+    ``n_slices * max_rank`` rows hold the step's adapter's A (``a_rows``); consumers mask by
+    rank, so what lies past a rank does not matter. ``F.linear(x, ext[i])`` then returns the
+    projection and, in its extra columns, x @ A.T. The extra rows are padded to a multiple
+    of 64, where cuBLAS keeps a fast kernel (bench/NOTES-kernels.md).
+    """
+
+    PAD = 64
+
+    def __init__(self, n_slices: int, max_rank: int):
+        self.n_slices, self.max_rank = n_slices, max_rank
+        self.extra = -(-n_slices * max_rank // self.PAD) * self.PAD
+        self.out = 0
+        self.ext: list[torch.Tensor] = []
+        self.bias: list[torch.Tensor | None] = []
+
+    def add(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.ext and w.shape != (self.out, self.ext[0].shape[1]):
+            raise ValueError(f"every layer's weight must be {tuple(self.ext[0][: self.out].shape)}, got {tuple(w.shape)}")
+        self.out = w.shape[0]
+        e = torch.zeros((self.out + self.extra, w.shape[1]), dtype=w.dtype, device=w.device)
+        e[: self.out].copy_(w)
+        self.ext.append(e)
+        self.bias.append(None if bias is None else torch.cat((bias, bias.new_zeros(self.extra))))
+        return e[: self.out]
+
+    def a_rows(self, layer: int) -> torch.Tensor:
+        """[n_slices, max_rank, in]: where the step's adapter's A goes."""
+        e = self.ext[layer]
+        return e[self.out: self.out + self.n_slices * self.max_rank].view(self.n_slices, self.max_rank, e.shape[1])
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GEMM output [T, out + pad] -> (projection [T, out], h [n_slices, T, max_rank]) as views."""
+        t = y.shape[0]
+        h = y[:, self.out: self.out + self.n_slices * self.max_rank]
+        return y[:, : self.out], h.as_strided((self.n_slices, t, self.max_rank), (self.max_rank, y.stride(0), 1))

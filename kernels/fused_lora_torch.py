@@ -4,7 +4,7 @@ references of ``lora_torch.py`` for the LoRA parts, with tokens given as a list 
     shrink_ref(x, fam, slots)[i, t, :r]  = x[t] @ A[slot(t), i, :r].T                     (float32)
     expand_ref(y, h, fam, offs, slots)    = y[t, slice i] + scaling * h[i, t, :r] @ B[slot(t), :r, slice i],
                                             rounded to y's dtype (rows without a slot unchanged)
-    norm_lora_ref       = add_rms_norm(expand(x), residual), then shrink of the normed output
+    norm_lora_ref       = add_rms_norm(expand(x, h summed over its parts), residual)
     rotary_lora_ref     = expand of q/k/v, then rotary on q and k
     silu_mul_lora_ref   = expand of gate/up, then silu_mul, then shrink of the product
 """
@@ -28,19 +28,20 @@ def shrink_ref(x: torch.Tensor, fam, token_slot: list[int]) -> torch.Tensor:
 
 def expand_ref(y: torch.Tensor, h: torch.Tensor, fam, out_offsets: tuple[int, ...],
                token_slot: list[int]) -> torch.Tensor:
+    h = h[:, :, : fam.lora_a.shape[2]].float()
     return lora_expand_ref(h, fam.lora_b, fam.ranks, fam.scalings, out_offsets, _meta(token_slot, y.device),
                            y.clone())
 
 
-def norm_lora_ref(x, residual, weight, eps, token_slot, expand=None, shrink=None):
-    """(out, s, h); ``expand`` = (h [1, T, R], one-slice family), ``shrink`` a family."""
+def norm_lora_ref(x, residual, weight, eps, token_slot, expand=None):
+    """(out, s); ``expand`` = (h [parts, T, R], one-slice family)."""
     if expand is not None:
-        x = expand_ref(x, expand[0], expand[1], (0, x.shape[1]), token_slot)
+        x = expand_ref(x, expand[0].float().sum(0, keepdim=True), expand[1], (0, x.shape[1]), token_slot)
     if residual is None:
         out, s = rms_norm_ref(x, weight, eps), x
     else:
         out, s = add_rms_norm_ref(x, residual, weight, eps)
-    return out, s, shrink_ref(out, shrink, token_slot) if shrink is not None else None
+    return out, s
 
 
 def rotary_lora_ref(qkv, h, fam, cos, sin, positions, token_slot, num_heads, num_kv_heads):

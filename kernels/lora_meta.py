@@ -44,6 +44,7 @@ class LoRAMeta:
     seg_slot: torch.Tensor      # [max_slots] int32, slot of segment i (-1 for unused segments)
     num_tokens: int = 0         # tokens in this step (host side)
     num_segments: int = 0       # active segments (host side)
+    slots: list[int] = field(default_factory=list)    # their slots (host side)
     staged: dict[str, StagedBuffer] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -82,6 +83,7 @@ class LoRAMeta:
             slots.append(s)
         self.num_tokens = n
         self.num_segments = len(slots)
+        self.slots = slots
         if self.num_segments == 0:
             # A captured graph that still holds LoRA launches must see an empty step.
             self.seg_indptr[-1:].zero_()

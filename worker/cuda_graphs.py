@@ -62,6 +62,7 @@ class DecodeGraphs:
                            context_lens + [1] * pad, token_slots + [-1] * pad, n,
                            slot_mapping + [KVCache.SCRATCH_BLOCK * self.kv.block_size] * pad)
         segments = inputs.lora.num_segments
+        self.model.stage_lora(inputs)
         graph, logits = self.graphs[(n, "none" if segments == 0 else "single" if segments == 1 else "multi")]
         graph.replay()
         self.replays += 1

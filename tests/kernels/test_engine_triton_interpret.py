@@ -28,3 +28,22 @@ def test_triton_path_matches_peft(tiny, fused_lora_tokens, names):
         tokens, lps = ref.greedy(p, a, 4)
         assert out.token_ids == tokens
         assert max(abs(x.logprob - y) for x, y in zip(out.logprobs, lps)) < 1e-4
+
+
+def test_fused_path_follows_the_step_adapter(tiny):
+    """One-adapter steps, one adapter after another: each time the A rows under the base weights must be
+    the step's adapter's (a stale copy would still produce text, just the previous adapter's)."""
+    model_dir, adapters = tiny
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = Engine(model_dir, device=device, lora_backend="triton", attention_backend="triton", cuda_graphs=False,
+                    max_num_batched_tokens=16, fused_lora_tokens=64, num_blocks=64)
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+    ref = HFReference(model_dir, adapters)
+    params = SamplingParams(max_tokens=3, temperature=0.0, logprobs=1, ignore_eos=True)
+    prompt = [5, 9, 33, 70, 12]
+    for name in ("ad0", "ad3", "ad0"):
+        out = engine.generate([prompt], [name], params)[0]
+        tokens, lps = ref.greedy(prompt, name, 3)
+        assert out.token_ids == tokens
+        assert max(abs(x.logprob - y) for x, y in zip(out.logprobs, lps)) < 1e-4

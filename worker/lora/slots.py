@@ -78,6 +78,7 @@ class AdapterSlots:
         self.refs: dict[str, int] = {}
         self.pinned: set[str] = set()
         self.loads = 0                       # adapters copied into a slot
+        self.generation = [0] * num_slots    # bumped whenever a slot's contents change (copies of it go stale)
         self.acquires = 0                    # requests that took a slot (a load or a hit)
 
     # -- residency -------------------------------------------------------------------------
@@ -154,6 +155,7 @@ class AdapterSlots:
         return None
 
     def _clear(self, slot: int) -> None:
+        self.generation[slot] += 1
         for fams in self.layers:
             for f in fams.values():
                 f.ranks_cpu[slot] = 0
@@ -162,6 +164,7 @@ class AdapterSlots:
 
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copy ``adapter`` into ``slot``. Rows past each module's rank are left as they are: no kernel reads them."""
+        self.generation[slot] += 1
         dst, src = [], []
         for fams in self.layers:
             for f in fams.values():

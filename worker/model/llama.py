@@ -16,9 +16,9 @@ from worker.step_inputs import StepInputs
 
 class LlamaModel:
     """The forward pass; LoRA goes through ``lora.apply(x, y, layer, family, meta)``, or, for steps of
-    at most ``fused_lora_tokens`` tokens with one adapter, rides in the norm, rotary and SiLU-mul
-    kernels (``kernels/fused_lora.py``: 3 LoRA launches a layer instead of 8). With several
-    adapters the separate segment-major SGMV kernels are faster (bench/NOTES-kernels.md)."""
+    at most ``fused_lora_tokens`` tokens with one adapter, rides in the qkv and o GEMMs and the norm,
+    rotary and SiLU-mul kernels (``kernels/fused_lora.py``: no LoRA launch at all). With several
+    adapters the separate segment-major SGMV kernels run (bench/NOTES-kernels.md)."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, ops, lora, fused_lora_tokens: int = 0):
         self.cfg = cfg
@@ -30,6 +30,15 @@ class LlamaModel:
             from kernels import fused_lora          # Triton: imported only where it runs
             self.fused = fused_lora
             self.fused_lora_tokens = min(fused_lora_tokens, fused_lora.MAX_TOKENS)
+            # qkv, o and gate_up get room under them for one adapter's A rows; the layers keep views of the
+            # base part, so the other paths read exactly the weights they read before
+            # (one layer at a time: the copy being made is the only extra memory)
+            self.tails = {f: fused_lora.LoRATails(n, lora.max_rank) for f, n in (("qkv", 3), ("o", 1), ("gate_up", 2))}
+            for w in weights.layers:
+                w.qkv = self.tails["qkv"].add(w.qkv, w.qkv_bias)
+                w.o = self.tails["o"].add(w.o)
+                w.gate_up = self.tails["gate_up"].add(w.gate_up)
+            self._staged: tuple[int, int] | None = None     # (slot, generation) whose A rows the tails hold
         device = weights.embed.device
         pos = torch.arange(cfg.max_context, device=device, dtype=torch.float32)
         freqs = torch.outer(pos, cfg.inv_freq().to(device))
@@ -42,7 +51,8 @@ class LlamaModel:
         """Hidden states [T, hidden] after the final norm, for every token of the step."""
         cfg, ops, t = self.cfg, self.ops, s.input_ids.shape[0]
         lora = None if s.lora.no_lora else self.lora
-        if lora and t <= self.fused_lora_tokens and s.lora.num_segments == 1:
+        if lora and self.fused_path(s):
+            self.stage_lora(s)
             return self._forward_fused_lora(s, kv_caches)
         layers, eps = self.w.layers, cfg.rms_norm_eps
         h, residual = ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
@@ -69,36 +79,56 @@ class LlamaModel:
             h, residual = ops.add_rms_norm(d, residual, next_norm, eps)
         return h
 
-    def _forward_fused_lora(self, s: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """``forward`` with each LoRA shrink and expand inside the kernel next to its projection.
+    def fused_path(self, s: StepInputs) -> bool:
+        """Whether this step's LoRA rides in the step's own kernels (one adapter, few tokens)."""
+        return s.input_ids.shape[0] <= self.fused_lora_tokens and s.lora.num_segments == 1
 
-        The shrinks accumulate into one zeroed buffer for the whole step (one memset, not one
-        per layer): per layer 3 slices of qkv, then o, gate and up, down.
+    def stage_lora(self, s: StepInputs) -> None:
+        """Put the step's adapter's q/k/v, o and gate/up A rows under the base weights, unless they are there.
+
+        Runs before a step (a captured graph replays without it); a copy of about 0.8 MB a layer
+        at rank 16, only when the one-adapter steps switch adapters or the slot was rewritten.
+        """
+        if not self.fused_lora_tokens or not self.fused_path(s):
+            return
+        if s.input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            return                                  # capture: the replays stage their own adapter
+        slot = s.lora.slots[0]
+        key = (slot, self.lora.generation[slot])
+        if key == self._staged:
+            return
+        dst, src = [], []
+        for i, fams in enumerate(self.lora.layers):
+            for f, tails in self.tails.items():
+                dst.append(tails.a_rows(i))
+                src.append(fams[f].lora_a[slot])
+        torch._foreach_copy_(dst, src)
+        self._staged = key
+
+    def _forward_fused_lora(self, s: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``forward`` with the step's one adapter folded into its GEMMs and small kernels.
+
+        q/k/v's, o's and gate/up's shrinks come out of the extra columns of their GEMMs
+        (``stage_lora`` put the A rows there), down's from SiLU-mul, and every expand happens in
+        the kernel that reads the projection's output next.
         """
         cfg, fl, t = self.cfg, self.fused, s.input_ids.shape[0]
         layers, fams, eps, meta = self.w.layers, self.lora.layers, cfg.rms_norm_eps, s.lora
-        hbuf = torch.zeros((len(layers), 7, t, self.lora.max_rank), dtype=torch.float32, device=s.input_ids.device)
-        h_qkv, h_o, h_gu, h_down = (hbuf[:, 0:3], hbuf[:, 3:4], hbuf[:, 4:6], hbuf[:, 6:7])
-        h, residual = fl.norm_lora(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps, meta,
-                                   shrink=(h_qkv[0], fams[0]["qkv"]))
+        qkv_t, o_t, gu_t = self.tails["qkv"], self.tails["o"], self.tails["gate_up"]
+        h, residual = fl.norm_lora(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps, meta)
         for i, layer in enumerate(layers):
             fam = fams[i]
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            fl.rotary_lora_(qkv, h_qkv[i], fam["qkv"], self.cos, self.sin, s.positions, meta, cfg.num_heads,
+            qkv, h_qkv = qkv_t.split(F.linear(h, qkv_t.ext[i], qkv_t.bias[i]))
+            fl.rotary_lora_(qkv, h_qkv, fam["qkv"], self.cos, self.sin, s.positions, meta, cfg.num_heads,
                             cfg.num_kv_heads)
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            attn = self._attend(q, k, v, kv_caches[i], s)
-            o = F.linear(attn, layer.o)
-            fl.shrink_cols(attn, h_o[i], fam["o"], meta)
-            h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, expand=(h_o[i], fam["o"]),
-                                       shrink=(h_gu[i], fam["gate_up"]))
-            act = fl.silu_mul_lora(F.linear(h, layer.gate_up), meta, expand=(h_gu[i], fam["gate_up"]),
-                                   shrink=(h_down[i], fam["down"]))
-            last = i + 1 == len(layers)
-            h, residual = fl.norm_lora(F.linear(act, layer.down), residual,
-                                       self.w.norm if last else layers[i + 1].input_norm, eps, meta,
-                                       expand=(h_down[i], fam["down"]),
-                                       shrink=None if last else (h_qkv[i + 1], fams[i + 1]["qkv"]))
+            o, h_o = o_t.split(F.linear(self._attend(q, k, v, kv_caches[i], s), o_t.ext[i]))
+            h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, expand=(h_o, fam["o"]))
+            gu, h_gu = gu_t.split(F.linear(h, gu_t.ext[i]))
+            act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], fam["down"])
+            next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
+            h, residual = fl.norm_lora(F.linear(act, layer.down), residual, next_norm, eps, meta,
+                                       expand=(h_down, fam["down"]))
         return h
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
