@@ -16,7 +16,7 @@ from worker.step_inputs import StepInputs
 
 class LlamaModel:
     """The forward pass; LoRA goes through ``lora.apply(x, y, layer, family, meta)``, or, for steps of
-    at most ``fused_lora_tokens`` tokens with one adapter, rides in the qkv and o GEMMs and the norm,
+    at most ``fused_lora_tokens`` tokens with one adapter, rides in the qkv, o and gate_up GEMMs and the norm,
     rotary and SiLU-mul kernels (``kernels/fused_lora.py``: no LoRA launch at all). With several
     adapters the separate segment-major SGMV kernels run (bench/NOTES-kernels.md)."""
 
