@@ -1,6 +1,7 @@
 """Tuning the one-adapter fused LoRA kernels (kernels/fused_lora.py) on the GPU: each variant against the
 plain kernel it replaces, and the base GEMMs with extra rows under them (LoRA A in the GEMM's tail).
-Batch 32, Llama-3-8B shapes, rank 16, bf16; each timing is one launch inside a graph of 20.
+Batch 32, Llama-3-8B shapes, rank 16, bf16; each timing is one launch inside a graph of 20 (L2 flushed
+before each replay by do_bench; the 2026-11-24 results were taken without that flush).
 
     python bench/tune_fused_lora.py        (results of 2026-11-24: bench/results/2026-11-24-h100-fused-lora-variants.txt)
 """
@@ -10,6 +11,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 import torch.nn.functional as F
 from kernels import fused, fused_lora as fl
+from bench.kernels import graphed, median_us
 from kernels.lora_meta import LoRAMeta
 
 dev, dt, T, R, H, I = "cuda", torch.bfloat16, 32, 16, 4096, 14336
@@ -24,23 +26,9 @@ def fam(n_in, widths, slots=4):
                           torch.ones(slots, n, device=dev))
 
 
-def timeit(fn, reps=20, iters=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
-    ts = []
-    for _ in range(iters):
-        e0.record(); g.replay(); e1.record(); e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e3 / reps)
-    ts.sort()
-    return ts[len(ts) // 2]
+def timeit(fn, reps=20):
+    """us per call of fn, replayed ``reps`` times inside one CUDA graph (launch gaps included)."""
+    return median_us(graphed(lambda: [fn() for _ in range(reps)])) / reps
 
 
 meta = LoRAMeta.allocate(64, 8, dev).fill([1] * T)
@@ -53,8 +41,8 @@ h1 = torch.randn(1, T, 16, device=dev).to(dt)
 print(f"add_rms_norm                  {timeit(lambda: fused.add_rms_norm(x, res, w, 1e-5)):6.2f} us")
 for nw in (4, 8, 16, 32):
     for rc in (2, 4, 8, 16):
-        a = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, expand=(parts, f_d), rank_chunk=rc, num_warps=nw))
-        b = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, expand=(h1, f_o), rank_chunk=rc, num_warps=nw))
+        a = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, parts, f_d, rank_chunk=rc, num_warps=nw))
+        b = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, h1, f_o, rank_chunk=rc, num_warps=nw))
         print(f"norm_lora warps {nw:2d} rc {rc:2d}: expand(parts) {a:6.2f} us | expand(tail) {b:6.2f} us", flush=True)
 gu = torch.randn(T, 2 * I, device=dev).to(dt)
 hg = torch.randn(2, T, 16, device=dev)

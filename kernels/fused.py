@@ -13,21 +13,29 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def add_rms_norm_row(x, row, cols, mask, r_ptr, w_ptr, out_ptr, res_out_ptr, stride_r, stride_o, stride_ro, n, eps,
+                     HAS_RES: tl.constexpr, STORE_S: tl.constexpr):
+    """One row x (float32, the model-dtype value): s = x + residual, out = w * rmsnorm(s); s is stored
+    (in the model dtype, the residual stream's) when STORE_S."""
+    dt = out_ptr.dtype.element_ty
+    if HAS_RES:
+        x = (x + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    if STORE_S:
+        tl.store(res_out_ptr + row * stride_ro + cols, x.to(dt), mask=mask)
+    y = (x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)).to(dt).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (w * y).to(dt), mask=mask)
+
+
+@triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro, n,
                          eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        x = x + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        x = x.to(res_out_ptr.dtype.element_ty)        # the residual stream is kept in the model dtype
-        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
-        x = x.to(tl.float32)
-    var = tl.sum(x * x, axis=0) / n
-    y = (x * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+    add_rms_norm_row(x, row, cols, mask, r_ptr, w_ptr, out_ptr, res_out_ptr, stride_r, stride_o, stride_ro, n, eps,
+                     HAS_RES, HAS_RES)
 
 
 def _check_rows(name: str, t: torch.Tensor, rows: int, n: int, dtype: torch.dtype) -> None:

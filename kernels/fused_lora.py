@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fused import check_norm_args
+from kernels.fused import add_rms_norm_row, check_norm_args
 from kernels.lora_meta import LoRAMeta
 from kernels.mma import mma, native_dot
 
@@ -91,40 +91,33 @@ def _expand_tile(acc, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, cols,
 @triton.jit
 def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, seg_slot_ptr, h_ptr, b_ptr, rank_ptr, scal_ptr,
                       n, n_parts, stride_x, stride_r, stride_o, stride_s, stride_hp, stride_ht, stride_bs, stride_br,
-                      eps, HAS_RES: tl.constexpr, EXPAND: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
-                      P_P2: tl.constexpr, RC: tl.constexpr):
+                      eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, P_P2: tl.constexpr,
+                      RC: tl.constexpr):
     """One row: s = x + expand + residual, out = w * rmsnorm(s)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     cm = cols < n
-    dt = out_ptr.dtype.element_ty
+    slot = tl.load(seg_slot_ptr)
+    use = (tl.load(slot_ptr + row) == slot) & (slot >= 0)
+    slot = tl.maximum(slot, 0).to(tl.int64)
+    # h summed over its parts once ([P_P2, BLOCK_R] in one load), then B in [RC, hidden] tiles
+    rank = tl.where(use, tl.load(rank_ptr + slot), 0)
+    p = tl.arange(0, P_P2)
+    rr = tl.arange(0, BLOCK_R)
+    hv = tl.sum(tl.load(h_ptr + p[:, None] * stride_hp + row * stride_ht + rr[None, :],
+                        mask=(p < n_parts)[:, None] & (rr < rank)[None, :], other=0.0).to(tl.float32), axis=0)
+    hv = tl.reshape(hv * tl.load(scal_ptr + slot), (BLOCK_R // RC, RC))
+    delta = tl.zeros((BLOCK,), dtype=tl.float32)
+    for rc in tl.static_range(0, BLOCK_R, RC):
+        r = rc + tl.arange(0, RC)
+        hc = tl.sum(tl.where((tl.arange(0, BLOCK_R // RC) == rc // RC)[:, None], hv, 0.0), axis=0)
+        b = tl.load(b_ptr + slot * stride_bs + r[:, None] * stride_br + cols[None, :],
+                    mask=(r < rank)[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        delta += tl.sum(hc[:, None] * b, axis=0)
     x = tl.load(x_ptr + row * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
-    if EXPAND:
-        slot = tl.load(seg_slot_ptr)
-        use = (tl.load(slot_ptr + row) == slot) & (slot >= 0)
-        slot = tl.maximum(slot, 0).to(tl.int64)
-        # h summed over its parts once ([P_P2, BLOCK_R] in one load), then B in [RC, hidden] tiles
-        rank = tl.where(use, tl.load(rank_ptr + slot), 0)
-        p = tl.arange(0, P_P2)
-        rr = tl.arange(0, BLOCK_R)
-        hv = tl.sum(tl.load(h_ptr + p[:, None] * stride_hp + row * stride_ht + rr[None, :],
-                            mask=(p < n_parts)[:, None] & (rr < rank)[None, :], other=0.0).to(tl.float32), axis=0)
-        hv = tl.reshape(hv * tl.load(scal_ptr + slot), (BLOCK_R // RC, RC))
-        delta = tl.zeros((BLOCK,), dtype=tl.float32)
-        for rc in tl.static_range(0, BLOCK_R, RC):
-            r = rc + tl.arange(0, RC)
-            hc = tl.sum(tl.where((tl.arange(0, BLOCK_R // RC) == rc // RC)[:, None], hv, 0.0), axis=0)
-            b = tl.load(b_ptr + slot * stride_bs + r[:, None] * stride_br + cols[None, :],
-                        mask=(r < rank)[:, None] & cm[None, :], other=0.0).to(tl.float32)
-            delta += tl.sum(hc[:, None] * b, axis=0)
-        x = (x + delta).to(dt).to(tl.float32)
-    if HAS_RES:
-        x = (x + tl.load(r_ptr + row * stride_r + cols, mask=cm, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
-    if HAS_RES or EXPAND:
-        tl.store(s_ptr + row * stride_s + cols, x.to(dt), mask=cm)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
-    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (w * (x * rstd).to(dt).to(tl.float32)).to(dt), mask=cm)
+    x = (x + delta).to(out_ptr.dtype.element_ty).to(tl.float32)
+    add_rms_norm_row(x, row, cols, cm, r_ptr, w_ptr, out_ptr, s_ptr, stride_r, stride_o, stride_s, n, eps, HAS_RES,
+                     True)
 
 
 @triton.jit
@@ -239,34 +232,27 @@ def _block_r(fam) -> int:
 
 
 
-def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, meta: LoRAMeta, *,
-              expand: tuple[torch.Tensor, object] | None = None, rank_chunk: int = RANK_CHUNK,
-              num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, meta: LoRAMeta,
+              h: torch.Tensor, fam, rank_chunk: int = RANK_CHUNK, num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, s): s = x + expand + residual, out = w * rmsnorm(s); one program a row.
 
-    ``expand`` = (h [parts, T, R], one-slice family): x[t] += scaling * sum_p h[p, t] @ B[slot]
-    first, rounded to x's dtype. Without residual and expand, s is x itself.
+    The expand: x[t] += scaling * sum_p h[p, t] @ B[slot], h [parts, T, R] and ``fam`` a one-slice
+    family, rounded to x's dtype before the residual is added (a norm without LoRA is
+    ``kernels.fused.add_rms_norm``).
     """
     check_norm_args(x, residual, weight)
     t, n = x.shape
     _check_meta(meta, t)
-    h, fam = expand if expand is not None else (None, None)
-    if fam is not None:
-        _check_family("expand", fam, None, n, 1)
-        _check_h("expand", h, None, t, fam)
-    out = torch.empty_like(x)
-    s = torch.empty_like(x) if residual is not None or fam is not None else x
+    _check_family("expand", fam, None, n, 1)
+    _check_h("expand", h, None, t, fam)
+    out, s = torch.empty_like(x), torch.empty_like(x)
     if t:
         _norm_lora_kernel[(t,)](
-            x, residual if residual is not None else x, weight, out, s, meta.token_slot, meta.seg_slot,
-            h if fam is not None else out, fam.lora_b if fam is not None else x,
-            fam.ranks if fam is not None else meta.token_slot, fam.scalings if fam is not None else out,
-            n, h.shape[0] if fam is not None else 0, x.stride(0), residual.stride(0) if residual is not None else 0,
-            out.stride(0), s.stride(0), *(h.stride()[:2] if fam is not None else (0, 0)),
-            *(fam.lora_b.stride()[:2] if fam is not None else (0, 0)), eps,
-            HAS_RES=residual is not None, EXPAND=fam is not None, BLOCK=triton.next_power_of_2(n),
-            BLOCK_R=max(rank_chunk, _block_r(fam)) if fam is not None else rank_chunk,
-            P_P2=triton.next_power_of_2(h.shape[0]) if fam is not None else 1, RC=rank_chunk, num_warps=num_warps)
+            x, residual if residual is not None else x, weight, out, s, meta.token_slot, meta.seg_slot, h, fam.lora_b,
+            fam.ranks, fam.scalings, n, h.shape[0], x.stride(0), residual.stride(0) if residual is not None else 0,
+            out.stride(0), s.stride(0), *h.stride()[:2], *fam.lora_b.stride()[:2], eps,
+            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), BLOCK_R=max(rank_chunk, _block_r(fam)),
+            P_P2=triton.next_power_of_2(h.shape[0]), RC=rank_chunk, num_warps=num_warps)
     return out, s
 
 
@@ -309,8 +295,7 @@ def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor
     _check_family("gate_up", gate_up_fam, None, n2, 2)
     _check_h("gate_up", h_gate_up, 2, t, gate_up_fam)
     _check_family("down", down_fam, n, None, 1)
-    bn = block_n
-    tiles = triton.cdiv(n, bn)
+    tiles = triton.cdiv(n, block_n)
     block_r = max(16, _block_r(gate_up_fam), _block_r(down_fam))
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     h_down = torch.empty((tiles, t, block_r), dtype=torch.float32, device=gate_up.device)
@@ -320,7 +305,7 @@ def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor
             gate_up_fam.scalings, down_fam.lora_a, down_fam.ranks, h_down, t, n, gate_up.stride(0), out.stride(0),
             h_gate_up.stride(0), h_gate_up.stride(1), *gate_up_fam.lora_b.stride()[:2], down_fam.lora_a.stride(0),
             down_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1),
-            BLOCK_M=max(16, triton.next_power_of_2(t)), BN=bn, BLOCK_R=block_r, NATIVE=native_dot(gate_up.dtype),
+            BLOCK_M=max(16, triton.next_power_of_2(t)), BN=block_n, BLOCK_R=block_r, NATIVE=native_dot(gate_up.dtype),
             IEEE=not native_dot(gate_up.dtype), num_warps=num_warps)
     return out, h_down
 

@@ -33,10 +33,9 @@ def expand_ref(y: torch.Tensor, h: torch.Tensor, fam, out_offsets: tuple[int, ..
                            y.clone())
 
 
-def norm_lora_ref(x, residual, weight, eps, token_slot, expand=None):
-    """(out, s); ``expand`` = (h [parts, T, R], one-slice family)."""
-    if expand is not None:
-        x = expand_ref(x, expand[0].float().sum(0, keepdim=True), expand[1], (0, x.shape[1]), token_slot)
+def norm_lora_ref(x, residual, weight, eps, token_slot, h, fam):
+    """(out, s); h [parts, T, R], ``fam`` a one-slice family."""
+    x = expand_ref(x, h.float().sum(0, keepdim=True), fam, (0, x.shape[1]), token_slot)
     if residual is None:
         out, s = rms_norm_ref(x, weight, eps), x
     else:

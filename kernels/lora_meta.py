@@ -43,8 +43,7 @@ class LoRAMeta:
     seg_indptr: torch.Tensor    # [max_slots + 1] int32, segment i = sorted_idx[seg_indptr[i]:seg_indptr[i+1]]
     seg_slot: torch.Tensor      # [max_slots] int32, slot of segment i (-1 for unused segments)
     num_tokens: int = 0         # tokens in this step (host side)
-    num_segments: int = 0       # active segments (host side)
-    slots: list[int] = field(default_factory=list)    # their slots (host side)
+    slots: list[int] = field(default_factory=list)    # slot of each active segment (host side)
     staged: dict[str, StagedBuffer] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -54,6 +53,10 @@ class LoRAMeta:
                   "seg_indptr": StagedBuffer(max_slots + 1, torch.int32, device),
                   "seg_slot": StagedBuffer(max_slots, torch.int32, device, fill=-1)}
         return cls(**{name: buf.device for name, buf in staged.items()}, staged=staged)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.slots)
 
     @property
     def no_lora(self) -> bool:
@@ -82,7 +85,6 @@ class LoRAMeta:
             indptr.append(len(order))
             slots.append(s)
         self.num_tokens = n
-        self.num_segments = len(slots)
         self.slots = slots
         if self.num_segments == 0:
             # A captured graph that still holds LoRA launches must see an empty step.

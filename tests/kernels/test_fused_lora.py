@@ -71,33 +71,29 @@ def test_norm_lora_expand_from_parts(seed, rel_err, dtype, hidden, hq, hk, d, in
     res = torch.randn(t, hidden, device=DEV).to(dtype)
     w = (1 + 0.1 * torch.randn(hidden, device=DEV)).to(dtype)
     parts = torch.stack([shrink_ref(torch.randn(t, inter, device=DEV).to(dtype), f_d, mix)[0] for _ in range(5)])
-    out, s = norm_lora(x, res, w, 1e-6, meta, expand=(poison(parts, f_d, mix), f_d))
-    ref_out, ref_s = norm_lora_ref(x, res, w, 1e-6, mix, expand=(parts, f_d))
+    out, s = norm_lora(x, res, w, 1e-6, meta, poison(parts, f_d, mix), f_d)
+    ref_out, ref_s = norm_lora_ref(x, res, w, 1e-6, mix, parts, f_d)
     assert rel_err(s, ref_s) <= TOL[dtype] and rel_err(out, ref_out) <= TOL[dtype]
     none = [i for i, sl in enumerate(mix) if sl < 0]
     assert torch.equal(s[none], x[none] + res[none]), "rows without LoRA must be the plain residual add"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_norm_lora_each_part_alone(seed, rel_err, dtype):
+def test_norm_lora_expand_from_gemm_columns(seed, rel_err, dtype):
     hidden, t, r = (96, 4, 8) if not CUDA else (4096, 8, 16)
     mix, meta = token_mix(t)
     f_o = family(hidden, [hidden], ranks_for(1, r), r, dtype)
     x = torch.randn(t, hidden, device=DEV).to(dtype)
     w = (1 + 0.1 * torch.randn(hidden, device=DEV)).to(dtype)
-    # the first layer's input norm: no residual, no expand
-    out, s = norm_lora(x, None, w, 1e-6, meta)
-    ref_out, _ = norm_lora_ref(x, None, w, 1e-6, mix)
-    assert s is x and rel_err(out, ref_out) <= TOL[dtype]
     # the post-attention norm: expand of o from the o GEMM's extra columns (model dtype, a strided view)
     y = torch.randn(t, hidden + 64, device=DEV).to(dtype)
     tail = y[:, hidden:hidden + r].as_strided((1, t, r), (r, y.stride(0), 1))
     ref_tail = tail.clone()
     y[:, hidden:hidden + r] = poison(tail.clone(), f_o, mix)[0]
-    res = torch.randn(t, hidden, device=DEV).to(dtype)
-    out, s = norm_lora(x, res, w, 1e-6, meta, expand=(tail, f_o))
-    ref_out, ref_s = norm_lora_ref(x, res, w, 1e-6, mix, expand=(ref_tail, f_o))
-    assert rel_err(s, ref_s) <= TOL[dtype] and rel_err(out, ref_out) <= TOL[dtype]
+    for res in (torch.randn(t, hidden, device=DEV).to(dtype), None):      # without a residual: s = x + expand
+        out, s = norm_lora(x, res, w, 1e-6, meta, tail, f_o)
+        ref_out, ref_s = norm_lora_ref(x, res, w, 1e-6, mix, ref_tail, f_o)
+        assert rel_err(s, ref_s) <= TOL[dtype] and rel_err(out, ref_out) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -169,14 +165,15 @@ def test_bad_inputs(seed):
     x = torch.randn(3, 16, device=DEV)
     w = torch.ones(16, device=DEV)
     with pytest.raises(ValueError, match="at most"):
-        norm_lora(torch.randn(65, 16, device=DEV), None, w, 1e-6, LoRAMeta.allocate(70, 2, DEV).fill([0] * 65))
+        norm_lora(torch.randn(65, 16, device=DEV), None, w, 1e-6, LoRAMeta.allocate(70, 2, DEV).fill([0] * 65),
+                  torch.zeros(1, 65, 4, device=DEV), f)
     with pytest.raises(ValueError, match="one adapter"):
-        norm_lora(x, None, w, 1e-6, LoRAMeta.allocate(4, 4, DEV).fill([0, 1, 0]))
+        norm_lora(x, None, w, 1e-6, LoRAMeta.allocate(4, 4, DEV).fill([0, 1, 0]), torch.zeros(1, 3, 4, device=DEV), f)
     with pytest.raises(ValueError, match="h must be"):
-        norm_lora(x, None, w, 1e-6, meta, expand=(torch.zeros(1, 2, 4, device=DEV), f))
+        norm_lora(x, None, w, 1e-6, meta, torch.zeros(1, 2, 4, device=DEV), f)
     with pytest.raises(ValueError, match="lora_b"):
         norm_lora(torch.randn(3, 15, device=DEV), None, torch.ones(15, device=DEV), 1e-6, meta,
-                  expand=(torch.zeros(1, 3, 4, device=DEV), f))
+                  torch.zeros(1, 3, 4, device=DEV), f)
     with pytest.raises(ValueError, match="heads"):
         rotary_lora_(torch.randn(3, 30, device=DEV), torch.zeros(3, 3, 4, device=DEV), f,
                      torch.ones(4, 2, device=DEV), torch.ones(4, 2, device=DEV), torch.zeros(3, device=DEV), meta, 2, 2)

@@ -89,7 +89,7 @@ class LlamaModel:
         Runs before a step (a captured graph replays without it); a copy of about 0.8 MB a layer
         at rank 16, only when the one-adapter steps switch adapters or the slot was rewritten.
         """
-        if not self.fused_lora_tokens or not self.fused_path(s):
+        if not self.fused_path(s):
             return
         if s.input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return                                  # capture: the replays stage their own adapter
@@ -112,10 +112,10 @@ class LlamaModel:
         (``stage_lora`` put the A rows there), down's from SiLU-mul, and every expand happens in
         the kernel that reads the projection's output next.
         """
-        cfg, fl, t = self.cfg, self.fused, s.input_ids.shape[0]
+        cfg, fl = self.cfg, self.fused
         layers, fams, eps, meta = self.w.layers, self.lora.layers, cfg.rms_norm_eps, s.lora
         qkv_t, o_t, gu_t = self.tails["qkv"], self.tails["o"], self.tails["gate_up"]
-        h, residual = fl.norm_lora(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps, meta)
+        h, residual = self.ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
         for i, layer in enumerate(layers):
             fam = fams[i]
             qkv, h_qkv = qkv_t.split(F.linear(h, qkv_t.ext[i], qkv_t.bias[i]))
@@ -123,12 +123,12 @@ class LlamaModel:
                             cfg.num_kv_heads)
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             o, h_o = o_t.split(F.linear(self._attend(q, k, v, kv_caches[i], s), o_t.ext[i]))
-            h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, expand=(h_o, fam["o"]))
+            h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"])
             gu, h_gu = gu_t.split(F.linear(h, gu_t.ext[i]))
             act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], fam["down"])
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
-            h, residual = fl.norm_lora(F.linear(act, layer.down), residual, next_norm, eps, meta,
-                                       expand=(h_down, fam["down"]))
+            h, residual = fl.norm_lora(F.linear(act, layer.down), residual, next_norm, eps, meta, h_down,
+                                       fam["down"])
         return h
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
