@@ -26,14 +26,21 @@ class StagedBuffer:
         self.device = torch.full((size,), fill, dtype=dtype, device=device)
         self.host = torch.full((size,), fill, dtype=dtype, pin_memory=device.type == "cuda")
 
-    def put(self, values: list[int]) -> torch.Tensor:
-        n = len(values)
-        if n > self.device.numel():
-            raise ValueError(f"{n} values exceed the buffer's capacity {self.device.numel()}")
+    def put(self, values: list[int], tail: dict[int, list[int]] | None = None) -> torch.Tensor:
+        """Write ``values`` at the start; ``tail`` maps further offsets (past ``values``) to lists
+        written there too, moved in the same copy. Returns the device view of ``values``."""
+        n = end = len(values)
+        for at, more in (tail or {}).items():
+            end = max(end, at + len(more))
+        if end > self.device.numel():
+            raise ValueError(f"{end} values exceed the buffer's capacity {self.device.numel()}")
         self.host[:n] = torch.tensor(values, dtype=self.host.dtype)
-        view = self.device[:n]
-        view.copy_(self.host[:n], non_blocking=True)
-        return view
+        for at, more in (tail or {}).items():
+            if at < n:
+                raise ValueError(f"a tail at {at} overlaps the {n} values before it")
+            self.host[at: at + len(more)] = torch.tensor(more, dtype=self.host.dtype)
+        self.device[:end].copy_(self.host[:end], non_blocking=True)
+        return self.device[:n]
 
 
 @dataclass
@@ -44,15 +51,19 @@ class LoRAMeta:
     seg_slot: torch.Tensor      # [max_slots] int32, slot of segment i (-1 for unused segments)
     num_tokens: int = 0         # tokens in this step (host side)
     slots: list[int] = field(default_factory=list)    # slot of each active segment (host side)
-    staged: dict[str, StagedBuffer] = field(default_factory=dict, repr=False)
+    staged: StagedBuffer | None = field(default=None, repr=False)
 
     @classmethod
     def allocate(cls, max_tokens: int, max_slots: int, device: torch.device | str) -> "LoRAMeta":
-        staged = {"token_slot": StagedBuffer(max_tokens, torch.int32, device, fill=-1),
-                  "sorted_idx": StagedBuffer(max_tokens, torch.int32, device),
-                  "seg_indptr": StagedBuffer(max_slots + 1, torch.int32, device),
-                  "seg_slot": StagedBuffer(max_slots, torch.int32, device, fill=-1)}
-        return cls(**{name: buf.device for name, buf in staged.items()}, staged=staged)
+        """The four tensors are views of one staged buffer, laid out
+        ``[seg_indptr | seg_slot | token_slot | sorted_idx]``, so a step moves them with one copy."""
+        staged = StagedBuffer(2 * max_slots + 1 + 2 * max_tokens, torch.int32, device)
+        d = staged.device
+        seg = 2 * max_slots + 1
+        meta = cls(token_slot=d[seg: seg + max_tokens], sorted_idx=d[seg + max_tokens:],
+                   seg_indptr=d[: max_slots + 1], seg_slot=d[max_slots + 1: seg], staged=staged)
+        staged.put([0] * (max_slots + 1) + [-1] * (max_slots + max_tokens))
+        return meta
 
     @property
     def num_segments(self) -> int:
@@ -66,17 +77,18 @@ class LoRAMeta:
         """Group ``token_slots`` (one slot per token, -1 = none) into segments.
 
         Grouping happens on the host, where the slots are known anyway; one
-        non-blocking copy per buffer moves the result to the device.
+        non-blocking copy moves the result to the device.
         """
         n = len(token_slots)
-        if n > self.token_slot.numel():
-            raise ValueError(f"{n} tokens exceed the LoRA metadata capacity {self.token_slot.numel()}")
+        max_tokens, max_slots = self.token_slot.numel(), self.seg_slot.numel()
+        if n > max_tokens:
+            raise ValueError(f"{n} tokens exceed the LoRA metadata capacity {max_tokens}")
         by_slot: dict[int, list[int]] = {}
         for t, s in enumerate(token_slots):
             if s >= 0:
                 by_slot.setdefault(s, []).append(t)
-        if len(by_slot) > self.seg_slot.numel():
-            raise ValueError(f"{len(by_slot)} distinct adapters exceed {self.seg_slot.numel()} LoRA slots")
+        if len(by_slot) > max_slots:
+            raise ValueError(f"{len(by_slot)} distinct adapters exceed {max_slots} LoRA slots")
         order: list[int] = []
         indptr = [0]
         slots: list[int] = []
@@ -90,15 +102,8 @@ class LoRAMeta:
             # A captured graph that still holds LoRA launches must see an empty step.
             self.seg_indptr[-1:].zero_()
             return self
-        pad = self.seg_slot.numel() - len(slots)
-        self._put("token_slot", token_slots)
-        self._put("sorted_idx", order)
-        self._put("seg_indptr", indptr + [indptr[-1]] * pad)
-        self._put("seg_slot", slots + [-1] * pad)
+        pad = max_slots - len(slots)
+        # token_slot's unused tail goes along as it stands in the host twin (no kernel reads past the step)
+        self.staged.put(indptr + [indptr[-1]] * pad + slots + [-1] * pad + token_slots,
+                        tail={2 * max_slots + 1 + max_tokens: order})
         return self
-
-    def _put(self, name: str, values: list[int]) -> None:
-        if name in self.staged:
-            self.staged[name].put(values)
-        else:                                   # a meta built by hand (tests): plain copy
-            getattr(self, name)[: len(values)].copy_(torch.tensor(values, dtype=torch.int32))
