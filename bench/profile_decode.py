@@ -63,8 +63,11 @@ def main() -> None:
                     t0 = time.perf_counter()
                     engine.step()
                     walls.append(time.perf_counter() - t0)
-                mode = "none" if label == "base" else "single" if args.distinct == 1 else "multi"
-                graph, _ = engine.graphs.graphs[(engine.graphs.bucket(batch), mode)]
+                n = engine.graphs.bucket(batch)
+                k = min(args.distinct, batch)
+                mode = "none" if label == "base" else ("fused", engine.model.tail_bucket(k, n)) \
+                    if n <= engine.model.fused_lora_tokens else "single" if k == 1 else "multi"
+                graph, _ = engine.graphs.graphs[(n, mode)]
                 gpu = []
                 for _ in range(args.steps):
                     ev0.record()

@@ -1,9 +1,10 @@
-"""Tuning the one-adapter fused LoRA kernels (kernels/fused_lora.py) on the GPU: each variant against the
-plain kernel it replaces, and the base GEMMs with extra rows under them (LoRA A in the GEMM's tail).
-Batch 32, Llama-3-8B shapes, rank 16, bf16; each timing is one launch inside a graph of 20 (L2 flushed
-before each replay by do_bench; the 2026-11-24 results were taken without that flush).
+"""Tuning the fused LoRA kernels (kernels/fused_lora.py) on the GPU: each variant against the plain kernel
+it replaces, with one adapter (the straight-line kernels) and with 32 (one per token: the per-row ones),
+and the base GEMMs with the A rows of 1 and 32 adapters under them. Batch 32, Llama-3-8B shapes, rank 16,
+bf16; each timing is one launch inside a graph of 20 (L2 flushed before each replay by do_bench; the
+first 2026-11-24 results were taken without that flush).
 
-    python bench/tune_fused_lora.py        (results of 2026-11-24: bench/results/2026-11-24-h100-fused-lora-variants.txt)
+    python bench/tune_fused_lora.py      (results: bench/results/2026-11-2[45]-h100-fused-lora-variants*.txt)
 """
 import sys
 from pathlib import Path
@@ -15,15 +16,16 @@ from bench.kernels import graphed, median_us
 from kernels.lora_meta import LoRAMeta
 
 dev, dt, T, R, H, I = "cuda", torch.bfloat16, 32, 16, 4096, 14336
+SLOTS = 33
 torch.manual_seed(0)
 
 
-def fam(n_in, widths, slots=4):
+def fam(n_in, widths):
     n = len(widths)
-    return fl.LoRAWeights((torch.randn(slots, n, R, n_in, device=dev) * 0.02).to(dt),
-                          (torch.randn(slots, R, sum(widths), device=dev) * 0.02).to(dt),
-                          torch.full((slots, n), R, dtype=torch.int32, device=dev),
-                          torch.ones(slots, n, device=dev))
+    return fl.LoRAWeights((torch.randn(SLOTS, n, R, n_in, device=dev) * 0.02).to(dt),
+                          (torch.randn(SLOTS, R, sum(widths), device=dev) * 0.02).to(dt),
+                          torch.full((SLOTS, n), R, dtype=torch.int32, device=dev),
+                          torch.ones(SLOTS, n, device=dev))
 
 
 def timeit(fn, reps=20):
@@ -31,33 +33,47 @@ def timeit(fn, reps=20):
     return median_us(graphed(lambda: [fn() for _ in range(reps)])) / reps
 
 
-meta = LoRAMeta.allocate(64, 8, dev).fill([1] * T)
+def gemm_h(width, n_slices, k):
+    """A GEMM output [T, width + extra] for k positions and its h view."""
+    tails = fl.LoRATails(n_slices, R, k)
+    tails.out = width
+    return tails.split(torch.randn(T, width + tails.rows(k), device=dev).to(dt))[1]
+
+
+tail_pos = torch.arange(SLOTS, dtype=torch.int32, device=dev) - 1          # slot s at position s - 1
+metas = {"one": (LoRAMeta.allocate(64, SLOTS, dev).fill([1] * T), 1),
+         "32 distinct": (LoRAMeta.allocate(64, SLOTS, dev).fill(list(range(1, T + 1))), 32)}
 f_o, f_gu, f_d, f_qkv = fam(H, [H]), fam(H, [I, I]), fam(I, [H]), fam(H, [4096, 1024, 1024])
 x = torch.randn(T, H, device=dev).to(dt)
 res = torch.randn(T, H, device=dev).to(dt)
 w = torch.ones(H, device=dev, dtype=dt)
-parts = torch.randn(112, T, 16, device=dev)
-h1 = torch.randn(1, T, 16, device=dev).to(dt)
-print(f"add_rms_norm                  {timeit(lambda: fused.add_rms_norm(x, res, w, 1e-5)):6.2f} us")
-for nw in (4, 8, 16, 32):
-    for rc in (2, 4, 8, 16):
-        a = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, parts, f_d, rank_chunk=rc, num_warps=nw))
-        b = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, h1, f_o, rank_chunk=rc, num_warps=nw))
-        print(f"norm_lora warps {nw:2d} rc {rc:2d}: expand(parts) {a:6.2f} us | expand(tail) {b:6.2f} us", flush=True)
 gu = torch.randn(T, 2 * I, device=dev).to(dt)
-hg = torch.randn(2, T, 16, device=dev)
-print(f"silu_mul                      {timeit(lambda: fused.silu_mul(gu)):6.2f} us")
-for bn in (32, 64, 128, 256):
-    for nw in (2, 4, 8):
-        print(f"silu_mul_lora bn {bn:3d} warps {nw}: {timeit(lambda: fl.silu_mul_lora(gu, meta, hg, f_gu, f_d, block_n=bn, num_warps=nw)):6.2f} us", flush=True)
 qkv = torch.randn(T, 6144, device=dev).to(dt)
-hq = torch.randn(3, T, 16, device=dev).to(dt)
 cos = torch.randn(1024, 128, device=dev).to(dt)
 pos = torch.arange(T, device=dev)
+parts = torch.randn(224, T, 16, device=dev)
+parts = parts.as_strided((224, T, 1, 1, 16), (T * 16, 16, 0, 16, 1))
+print(f"add_rms_norm                  {timeit(lambda: fused.add_rms_norm(x, res, w, 1e-5)):6.2f} us")
+print(f"silu_mul                      {timeit(lambda: fused.silu_mul(gu)):6.2f} us")
 print(f"rotary                        {timeit(lambda: fused.rotary_(qkv[:, :4096].view(T, 32, 128), qkv[:, 4096:5120].view(T, 8, 128), cos, cos, pos)):6.2f} us")
-print(f"rotary_lora                   {timeit(lambda: fl.rotary_lora_(qkv, hq, f_qkv, cos, cos, pos, meta, 32, 8)):6.2f} us")
-for name, n, k, extras in (("gate_up", 2 * I, H, (0, 64, 128, 192, 256)), ("down", H, I, (0, 64, 128, 256)),
-                           ("qkv", 6144, H, (0, 64)), ("o", H, H, (0, 64))):
+for label, (meta, k) in metas.items():
+    print(f"\n== {label}", flush=True)
+    h_o, h_gu, h_qkv = gemm_h(H, 1, k), gemm_h(2 * I, 2, k), gemm_h(6144, 3, k)
+    for nw in (4, 8, 16):
+        for rc in (4, 8, 16):
+            a = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, parts, f_d, tail_pos, rank_chunk=rc, num_warps=nw))
+            b = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, h_o, f_o, tail_pos, rank_chunk=rc, num_warps=nw))
+            print(f"norm_lora warps {nw:2d} rc {rc:2d}: expand(parts) {a:6.2f} us | expand(tail) {b:6.2f} us", flush=True)
+    for bn in (16, 32, 64, 128):
+        for nw in (1, 2, 4, 8):
+            us = timeit(lambda: fl.silu_mul_lora(gu, meta, h_gu, f_gu, f_d, tail_pos, block_n=bn, num_warps=nw))
+            print(f"silu_mul_lora bn {bn:3d} warps {nw}: {us:6.2f} us", flush=True)
+    for nw in (2, 4, 8):
+        us = timeit(lambda: fl.rotary_lora_(qkv, h_qkv, f_qkv, cos, cos, pos, meta, 32, 8, tail_pos, num_warps=nw))
+        print(f"rotary_lora warps {nw}: {us:6.2f} us", flush=True)
+print()
+for name, n, k, extras in (("gate_up", 2 * I, H, (0, 64, 1024)), ("down", H, I, (0, 64, 512)),
+                           ("qkv", 6144, H, (0, 64, 1536)), ("o", H, H, (0, 64, 512))):
     xx = torch.randn(T, k, device=dev).to(dt)
     out = []
     for e in extras:

@@ -1,30 +1,36 @@
-"""One adapter's LoRA folded into a decode step's own kernels: no LoRA launch at all.
+"""LoRA folded into a decode step's own kernels: no LoRA launch at all.
 
 A decode step applies LoRA 4 times a layer (qkv, o, gate_up, down); as separate
 shrink and expand kernels that is 8 launches a layer, and at batch 32 their fixed
 latency, not their bytes, is what LoRA costs (bench/NOTES-kernels.md). For a step
-whose LoRA tokens all use one adapter, every shrink and expand rides in a kernel
-the step runs anyway:
+of few tokens, every shrink and expand rides in a kernel the step runs anyway:
 
-    qkv GEMM     shrink of q, k, v: the adapter's A rows sit under the base weight
-                 (``LoRATails``), so the GEMM's extra output columns are h
-    rotary       expand of q, k, v, then rotary on q and k, in place
+    qkv GEMM     shrink of q, k, v: the step's adapters' A rows sit under the base weight
+                 (``LoRATails``, one block of rows per adapter), so the GEMM's extra output
+                 columns are h for every token against every staged adapter
+    rotary       expand of q, k, v (each token reads its own adapter's h and B), then rotary, in place
     o GEMM       shrink of o, the same way
     post norm    expand of o, + residual, w * rmsnorm (one row a program)
     gate_up GEMM shrink of gate and up, the same way
     SiLU-mul     expand of gate/up, silu(g) * u, shrink of down (a partial per column tile)
     input norm   expand of the previous down (summing those partials), + residual, w * rmsnorm
 
-Why these places (bench/NOTES-kernels.md, batch 32 on the H100): 64 extra rows cost
-cuBLAS 0.3-1.7 us under qkv, o and gate_up but 3 us under down, whose shrink
-therefore runs in SiLU-mul, the kernel that makes its input; a norm that also
-shrank gate/up took 8.3 us against 4.4 us for expand alone (one row a program
-reads its whole A).
+So LoRA costs its bytes, once each: the GEMMs read each staged A once, and each
+token's B is read by the kernel that handles the token. Why these places
+(bench/NOTES-kernels.md, batch 32 on the H100): 64 extra rows cost cuBLAS 0.3-1.7 us
+under qkv, o and gate_up but 3 us under down, whose shrink therefore runs in
+SiLU-mul, the kernel that makes its input; a norm that also shrank gate/up took
+8.3 us against 4.4 us for expand alone (one row a program reads its whole A).
 
-h comes in two forms, each ``[parts, T, >= max_rank]`` with any strides, summed
-over parts: a GEMM's extra columns (model dtype, one part) and SiLU-mul's per-tile
-partials (float32, many parts). Nothing is accumulated atomically, so no buffer
-needs zeroing.
+h is a strided view ``[parts, T, positions, n_slices, >= max_rank]`` summed over
+parts; token t uses position ``tail_pos[slot(t)]``: a GEMM's extra columns (model
+dtype, one part; ``LoRATails.split``) or SiLU-mul's per-tile partials (float32, many
+parts, stride 0 along positions: they are per token already). Nothing is accumulated
+atomically, so no buffer needs zeroing.
+
+A step with one adapter compiles a straight-line variant (``ONE``): its B tiles
+load once a program and multiply on tensor cores. With several adapters each row
+gathers its own B, rank by rank.
 
 Semantics (``kernels/fused_lora_torch.py``) are those of the unfused path: the
 expanded projection output is rounded to the model dtype before the op that
@@ -46,6 +52,9 @@ from kernels.mma import mma, native_dot
 MAX_TOKENS = 64
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 RANK_CHUNK = 8      # rank rows a norm program handles at once ([RANK_CHUNK, hidden] tiles; tuned on the H100)
+SILU_ONE = (64, 2)      # SiLU-mul (columns a program, warps) with one adapter (tuned on the H100)
+SILU_MULTI = (64, 4)    # and with several
+RANK_UNROLL = tl.constexpr(16)  # ranks a per-row loop unrolls at once (unrolled to max_rank, the rank-64 GPU tests stalled)
 
 
 @dataclass
@@ -62,10 +71,29 @@ class LoRAWeights:
 
 @triton.jit
 def _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok):
-    """The step's adapter slot, and which rows use it."""
+    """One-adapter steps: the step's adapter slot, and which rows use it."""
     slot = tl.load(seg_slot_ptr)
     tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
     return slot, (tslot == slot) & (tslot >= 0)
+
+
+@triton.jit
+def _row_slots(slot_ptr, rows, row_ok):
+    """Several adapters: each row's slot clamped to >= 0 (for addresses), and whether it has one."""
+    slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
+    return tl.maximum(slot, 0).to(tl.int64), slot >= 0
+
+
+@triton.jit
+def _position(tail_pos_ptr, s0, use, n_pos, PER_ROW: tl.constexpr):
+    """(position, use): the tail position of the step's slot (or, PER_ROW, of each row's), and ``use``
+    narrowed to rows whose position lies inside the h given (staging guarantees it; a bug then drops
+    LoRA instead of reading past h)."""
+    if PER_ROW:
+        p = tl.load(tail_pos_ptr + s0, mask=use, other=0)
+        return p, use & (p >= 0) & (p < n_pos)
+    p = tl.load(tail_pos_ptr + s0)
+    return p, tl.where((p >= 0) & (p < n_pos), use, False)     # (the interpreter cannot & a scalar into a vector)
 
 
 @triton.jit
@@ -86,25 +114,58 @@ def _expand_tile(acc, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, cols,
     return acc + mma(h * scaling, b.to(tl.float32), False, IEEE)
 
 
+@triton.jit
+def _expand_rows(acc, h_rows, rank, scaling, b_rows, stride_br, cols, col_ok):
+    """acc[t, cols] += scaling[t] * h_rows[t][:rank[t]] @ B_rows[t][:rank[t], cols]: every row its own
+    adapter (h_rows, b_rows: per-row pointers; rank 0 for rows without one). Ranks in unrolled chunks
+    of RANK_UNROLL (their loads issue together), chunks up to the largest rank among the rows."""
+    for r0 in range(0, tl.max(rank, axis=0), RANK_UNROLL):
+        for j in tl.static_range(RANK_UNROLL):
+            ok = r0 + j < rank
+            hr = tl.load(h_rows + r0 + j, mask=ok, other=0.0).to(tl.float32) * scaling
+            b = tl.load(b_rows[:, None] + (r0 + j) * stride_br + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                        other=0.0)
+            acc += hr[:, None] * b.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _shrink_rows(x, a_rows, stride_ar, rank, cols, col_ok, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """[BLOCK_M, BLOCK_R] float32: x[t, cols] @ A_rows[t][:rank[t], cols].T, every row its own adapter
+    (ranks as in ``_expand_rows``)."""
+    part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    rr = tl.arange(0, BLOCK_R)
+    for r0 in range(0, tl.max(rank, axis=0), RANK_UNROLL):
+        for j in tl.static_range(RANK_UNROLL):
+            a = tl.load(a_rows[:, None] + (r0 + j) * stride_ar + cols[None, :],
+                        mask=(r0 + j < rank)[:, None] & col_ok[None, :], other=0.0)
+            part = tl.where(rr[None, :] == r0 + j, tl.sum(x * a.to(tl.float32), axis=1)[:, None], part)
+    return part
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, seg_slot_ptr, h_ptr, b_ptr, rank_ptr, scal_ptr,
-                      n, n_parts, stride_x, stride_r, stride_o, stride_s, stride_hp, stride_ht, stride_bs, stride_br,
-                      eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, P_P2: tl.constexpr,
-                      RC: tl.constexpr):
-    """One row: s = x + expand + residual, out = w * rmsnorm(s)."""
+def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_ptr, b_ptr, rank_ptr, scal_ptr,
+                      n, n_parts, n_pos, stride_x, stride_r, stride_o, stride_s, stride_hp, stride_ht, stride_hpos,
+                      stride_bs, stride_br, eps, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr, BLOCK: tl.constexpr,
+                      BLOCK_R: tl.constexpr, P_P2: tl.constexpr, RC: tl.constexpr):
+    """One row, its own adapter: s = x + expand + residual, out = w * rmsnorm(s)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     cm = cols < n
-    slot = tl.load(seg_slot_ptr)
-    use = (tl.load(slot_ptr + row) == slot) & (slot >= 0)
+    slot = tl.load(slot_ptr + row)
+    use = slot >= 0
     slot = tl.maximum(slot, 0).to(tl.int64)
+    h_row = h_ptr + row * stride_ht
+    if HAS_POS:                                  # a position outside h (a staging bug) reads nothing
+        p, use = _position(pos_ptr, slot, use, n_pos, False)
+        h_row += p * stride_hpos
     # h summed over its parts once ([P_P2, BLOCK_R] in one load), then B in [RC, hidden] tiles
     rank = tl.where(use, tl.load(rank_ptr + slot), 0)
     p = tl.arange(0, P_P2)
     rr = tl.arange(0, BLOCK_R)
-    hv = tl.sum(tl.load(h_ptr + p[:, None] * stride_hp + row * stride_ht + rr[None, :],
+    hv = tl.sum(tl.load(h_row + p[:, None] * stride_hp + rr[None, :],
                         mask=(p < n_parts)[:, None] & (rr < rank)[None, :], other=0.0).to(tl.float32), axis=0)
     hv = tl.reshape(hv * tl.load(scal_ptr + slot), (BLOCK_R // RC, RC))
     delta = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -121,10 +182,11 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, seg_slot_pt
 
 
 @triton.jit
-def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_ptr, h_ptr, b_ptr, ranks_ptr,
-                        scal_ptr, T, stride_t, stride_c, stride_hs, stride_ht, stride_bs, stride_br,
-                        HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, h_ptr, b_ptr,
+                        ranks_ptr, scal_ptr, T, n_pos, stride_t, stride_c, stride_ht, stride_hpos, stride_hs, stride_bs,
+                        stride_br, HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ONE: tl.constexpr,
+                        IEEE: tl.constexpr):
     hh = tl.program_id(0)                                   # q heads, then k heads, then v heads
     sl = (hh >= HQ).to(tl.int32) + (hh >= HQ + HK).to(tl.int32)
     rows = tl.arange(0, BLOCK_M)
@@ -137,15 +199,27 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
     p1 = qkv_ptr + rows[:, None] * stride_t + col[None, :]
     x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + HALF, mask=m, other=0.0).to(tl.float32)
-    slot, use = _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok)
-    rank = tl.load(ranks_ptr + tl.maximum(slot, 0) * 3 + sl)
-    scaling = tl.load(scal_ptr + tl.maximum(slot, 0) * 3 + sl)
-    h = _load_h(h_ptr + sl * stride_hs, stride_ht, rows, use, rank, BLOCK_M, BLOCK_R)
     zero = tl.zeros((BLOCK_M, HALF_P2), dtype=tl.float32)
-    x1 = (x1 + _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col, dm,
-                            BLOCK_R, IEEE)).to(dt).to(tl.float32)
-    x2 = (x2 + _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col + HALF, dm,
-                            BLOCK_R, IEEE)).to(dt).to(tl.float32)
+    if ONE:
+        slot, use = _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok)
+        s0 = tl.maximum(slot, 0)
+        p, use = _position(tail_pos_ptr, s0, use, n_pos, False)
+        rank = tl.load(ranks_ptr + s0 * 3 + sl)
+        scaling = tl.load(scal_ptr + s0 * 3 + sl)
+        h = _load_h(h_ptr + p * stride_hpos + sl * stride_hs, stride_ht, rows, use, rank, BLOCK_M, BLOCK_R)
+        e1 = _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col, dm, BLOCK_R, IEEE)
+        e2 = _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col + HALF, dm, BLOCK_R, IEEE)
+    else:
+        s0, use = _row_slots(slot_ptr, rows, row_ok)
+        p, use = _position(tail_pos_ptr, s0, use, n_pos, True)
+        rank = tl.load(ranks_ptr + s0 * 3 + sl, mask=use, other=0)
+        scaling = tl.load(scal_ptr + s0 * 3 + sl, mask=use, other=0.0)
+        h_rows = h_ptr + rows * stride_ht + p * stride_hpos + sl * stride_hs
+        b_rows = b_ptr + s0 * stride_bs
+        e1 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col, dm)
+        e2 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col + HALF, dm)
+    x1 = (x1 + e1).to(dt).to(tl.float32)
+    x2 = (x2 + e2).to(dt).to(tl.float32)
     if hh < HQ + HK:
         pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
         cos = tl.load(cos_ptr + pos[:, None] * stride_c + d[None, :], mask=m, other=0.0).to(tl.float32)
@@ -156,10 +230,10 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
 
 
 @triton.jit
-def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, hg_ptr, bg_ptr, rank_g_ptr, scal_g_ptr,
-                          a_ptr, rank_d_ptr, hd_ptr, T, n, stride_g, stride_o, stride_hgs, stride_hgt, stride_bgs,
-                          stride_bgr, stride_as, stride_ar, stride_hdp, stride_hdt,
-                          BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr,
+def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, hg_ptr, bg_ptr, rank_g_ptr,
+                          scal_g_ptr, a_ptr, rank_d_ptr, hd_ptr, T, n, n_pos, stride_g, stride_o, stride_hgt, stride_hgpos,
+                          stride_hgs, stride_bgs, stride_bgr, stride_as, stride_ar, stride_hdp, stride_hdt,
+                          BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, ONE: tl.constexpr,
                           NATIVE: tl.constexpr, IEEE: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < T
@@ -169,24 +243,39 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, hg_ptr, bg_pt
     dt = out_ptr.dtype.element_ty
     g = tl.load(gu_ptr + rows[:, None] * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + rows[:, None] * stride_g + n + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    slot, use = _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok)
-    s0 = tl.maximum(slot, 0)
-    zero = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-    rank = tl.load(rank_g_ptr + s0 * 2)
-    hg = _load_h(hg_ptr, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
-    g = (g + _expand_tile(zero, hg, slot, rank, tl.load(scal_g_ptr + s0 * 2), bg_ptr, stride_bgs, stride_bgr, cols,
-                          col_ok, BLOCK_R, IEEE)).to(dt).to(tl.float32)
-    rank = tl.load(rank_g_ptr + s0 * 2 + 1)
-    hu = _load_h(hg_ptr + stride_hgs, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
-    u = (u + _expand_tile(zero, hu, slot, rank, tl.load(scal_g_ptr + s0 * 2 + 1), bg_ptr, stride_bgs, stride_bgr,
-                          n + cols, col_ok, BLOCK_R, IEEE)).to(dt).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g)) * u).to(dt)
-    # shrink of down: this column tile's share, stored as its own part (no atomics, nothing to zero)
     r = tl.arange(0, BLOCK_R)
-    rank_d = tl.load(rank_d_ptr + s0)
-    a = tl.load(a_ptr + s0.to(tl.int64) * stride_as + r[:, None] * stride_ar + cols[None, :],
-                mask=(r < rank_d)[:, None] & col_ok[None, :], other=0.0)
-    part = mma(tl.where(use[:, None], act, 0.0).to(dt), tl.trans(a), NATIVE, IEEE)
+    if ONE:
+        slot, use = _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok)
+        s0 = tl.maximum(slot, 0)
+        p, use = _position(tail_pos_ptr, s0, use, n_pos, False)
+        hg = hg_ptr + p * stride_hgpos
+        rank = tl.load(rank_g_ptr + s0 * 2)
+        h = _load_h(hg, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
+        g = _expand_tile(g, h, slot, rank, tl.load(scal_g_ptr + s0 * 2), bg_ptr, stride_bgs, stride_bgr, cols,
+                         col_ok, BLOCK_R, IEEE)
+        rank = tl.load(rank_g_ptr + s0 * 2 + 1)
+        h = _load_h(hg + stride_hgs, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
+        u = _expand_tile(u, h, slot, rank, tl.load(scal_g_ptr + s0 * 2 + 1), bg_ptr, stride_bgs, stride_bgr,
+                         n + cols, col_ok, BLOCK_R, IEEE)
+    else:
+        s0, use = _row_slots(slot_ptr, rows, row_ok)
+        p, use = _position(tail_pos_ptr, s0, use, n_pos, True)
+        h_rows = hg_ptr + rows * stride_hgt + p * stride_hgpos
+        b_rows = bg_ptr + s0 * stride_bgs
+        g = _expand_rows(g, h_rows, tl.load(rank_g_ptr + s0 * 2, mask=use, other=0),
+                         tl.load(scal_g_ptr + s0 * 2, mask=use, other=0.0), b_rows, stride_bgr, cols, col_ok)
+        u = _expand_rows(u, h_rows + stride_hgs, tl.load(rank_g_ptr + s0 * 2 + 1, mask=use, other=0),
+                         tl.load(scal_g_ptr + s0 * 2 + 1, mask=use, other=0.0), b_rows, stride_bgr, n + cols, col_ok)
+    g = g.to(dt).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g)) * u.to(dt).to(tl.float32)).to(dt)
+    # shrink of down: this column tile's share, stored as its own part (no atomics, nothing to zero)
+    if ONE:
+        a = tl.load(a_ptr + s0.to(tl.int64) * stride_as + r[:, None] * stride_ar + cols[None, :],
+                    mask=(r < tl.load(rank_d_ptr + s0))[:, None] & col_ok[None, :], other=0.0)
+        part = mma(tl.where(use[:, None], act, 0.0).to(dt), tl.trans(a), NATIVE, IEEE)
+    else:
+        part = _shrink_rows(act.to(tl.float32), a_ptr + s0 * stride_as, stride_ar,
+                            tl.load(rank_d_ptr + s0, mask=use, other=0), cols, col_ok, BLOCK_M, BLOCK_R)
     tl.store(hd_ptr + tl.program_id(0) * stride_hdp + rows[:, None] * stride_hdt + r[None, :], part,
              mask=row_ok[:, None])
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], act, mask=m)     # after the weight loads
@@ -208,13 +297,17 @@ def _check_family(name: str, fam, n_in: int | None, n_out: int | None, slices: i
                              f"{v.dtype} {tuple(v.shape)}")
 
 
-def _check_h(name: str, h: torch.Tensor, parts: int | None, t: int, fam) -> None:
-    """h [parts, T, >= max_rank] in any float dtype, unit stride along the rank."""
-    rank = fam.lora_a.shape[2]
-    if h.dim() != 3 or h.dtype not in _DTYPES or (parts is not None and h.shape[0] != parts) \
-            or h.shape[1] != t or h.shape[2] < rank or h.stride(2) != 1:
-        raise ValueError(f"{name}: h must be [{parts or 'parts'}, {t}, >= {rank}] with unit last stride, "
-                         f"got {h.dtype} {tuple(h.shape)} strides {h.stride()}")
+def _check_h(name: str, h: torch.Tensor, parts: int | None, t: int, fam, tail_pos: torch.Tensor | None) -> None:
+    """h [parts, T, positions, n_slices, >= max_rank] in any float dtype, unit stride along the rank;
+    a positions stride other than 0 needs ``tail_pos`` (slot -> position)."""
+    rank, slices = fam.lora_a.shape[2], fam.lora_a.shape[1]
+    if h.dim() != 5 or h.dtype not in _DTYPES or (parts is not None and h.shape[0] != parts) \
+            or h.shape[1] != t or h.shape[3] != slices or h.shape[4] < rank or h.stride(4) != 1:
+        raise ValueError(f"{name}: h must be [{parts or 'parts'}, {t}, positions, {slices}, >= {rank}] with unit last "
+                         f"stride, got {h.dtype} {tuple(h.shape)} strides {h.stride()}")
+    if h.stride(2) and (tail_pos is None or tail_pos.dtype != torch.int32 or tail_pos.dim() != 1
+                        or tail_pos.numel() < fam.lora_a.shape[0]):
+        raise ValueError(f"{name}: h with positions needs tail_pos, int32 [>= {fam.lora_a.shape[0]} slots]")
 
 
 def _check_meta(meta: LoRAMeta, t: int) -> None:
@@ -222,21 +315,18 @@ def _check_meta(meta: LoRAMeta, t: int) -> None:
         raise ValueError(f"fused LoRA takes at most {MAX_TOKENS} tokens a step, got {t}")
     if meta.token_slot.numel() < t or meta.token_slot.dtype != torch.int32:
         raise ValueError(f"the LoRA metadata holds {meta.token_slot.numel()} tokens, the step {t}")
-    if meta.num_segments > 1:
-        raise ValueError(f"fused LoRA takes one adapter a step, this one has {meta.num_segments}")
 
 
 def _block_r(fam) -> int:
     return triton.next_power_of_2(fam.lora_a.shape[2])
 
 
-
-
 def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, meta: LoRAMeta,
-              h: torch.Tensor, fam, rank_chunk: int = RANK_CHUNK, num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+              h: torch.Tensor, fam, tail_pos: torch.Tensor | None = None, rank_chunk: int = RANK_CHUNK,
+              num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, s): s = x + expand + residual, out = w * rmsnorm(s); one program a row.
 
-    The expand: x[t] += scaling * sum_p h[p, t] @ B[slot], h [parts, T, R] and ``fam`` a one-slice
+    The expand: x[t] += scaling * sum_p h[p, t, pos(t), 0] @ B[slot(t)], ``fam`` a one-slice
     family, rounded to x's dtype before the residual is added (a norm without LoRA is
     ``kernels.fused.add_rms_norm``).
     """
@@ -244,22 +334,25 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     t, n = x.shape
     _check_meta(meta, t)
     _check_family("expand", fam, None, n, 1)
-    _check_h("expand", h, None, t, fam)
+    _check_h("expand", h, None, t, fam, tail_pos)
     out, s = torch.empty_like(x), torch.empty_like(x)
     if t:
         _norm_lora_kernel[(t,)](
-            x, residual if residual is not None else x, weight, out, s, meta.token_slot, meta.seg_slot, h, fam.lora_b,
-            fam.ranks, fam.scalings, n, h.shape[0], x.stride(0), residual.stride(0) if residual is not None else 0,
-            out.stride(0), s.stride(0), *h.stride()[:2], *fam.lora_b.stride()[:2], eps,
-            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), BLOCK_R=max(rank_chunk, _block_r(fam)),
+            x, residual if residual is not None else x, weight, out, s, meta.token_slot,
+            tail_pos if h.stride(2) else meta.token_slot, h, fam.lora_b, fam.ranks, fam.scalings, n, h.shape[0],
+            h.shape[2],
+            x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), s.stride(0),
+            *h.stride()[:3], *fam.lora_b.stride()[:2], eps, HAS_RES=residual is not None, HAS_POS=h.stride(2) != 0,
+            BLOCK=triton.next_power_of_2(n), BLOCK_R=max(rank_chunk, _block_r(fam)),
             P_P2=triton.next_power_of_2(h.shape[0]), RC=rank_chunk, num_warps=num_warps)
     return out, s
 
 
 def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin: torch.Tensor,
-                 positions: torch.Tensor, meta: LoRAMeta, num_heads: int, num_kv_heads: int) -> None:
-    """In place on qkv [T, (HQ + 2 HK) * D]: q, k, v += scaling * h[i] @ B (rounded), then rotary on q and k.
-    h [3, T, R]: the qkv GEMM's extra columns, or any float tensor of that shape."""
+                 positions: torch.Tensor, meta: LoRAMeta, num_heads: int, num_kv_heads: int,
+                 tail_pos: torch.Tensor, num_warps: int = 8) -> None:
+    """In place on qkv [T, (HQ + 2 HK) * D]: q, k, v += scaling * h[0, t, pos(t), i] @ B (rounded), then
+    rotary on q and k. h [1, T, positions, 3, R]: the qkv GEMM's extra columns (``LoRATails.split``)."""
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.dtype not in _DTYPES:
         raise ValueError(f"qkv must be 2-D with unit column stride, got {tuple(qkv.shape)}")
     t, width = qkv.shape
@@ -268,7 +361,7 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
         raise ValueError(f"qkv width {width} is not {heads} heads of an even head_dim")
     dim = width // heads
     _check_family("qkv", fam, None, width, 3)
-    _check_h("qkv", h, 3, t, fam)
+    _check_h("qkv", h, 1, t, fam, tail_pos)
     _check_meta(meta, t)
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != dim or cos.stride(1) != 1:
         raise ValueError(f"cos/sin must be [max_pos, {dim}], got {tuple(cos.shape)}")
@@ -276,60 +369,74 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
         raise ValueError(f"positions must be [{t}], got {tuple(positions.shape)}")
     if t:
         _rotary_lora_kernel[(heads,)](
-            qkv, cos, sin, positions, meta.token_slot, meta.seg_slot, h, fam.lora_b, fam.ranks, fam.scalings,
-            t, qkv.stride(0), cos.stride(0), h.stride(0), h.stride(1), *fam.lora_b.stride()[:2],
-            HQ=num_heads, HK=num_kv_heads, HALF=dim // 2, HALF_P2=max(16, triton.next_power_of_2(dim // 2)),
-            BLOCK_M=max(16, triton.next_power_of_2(t)), BLOCK_R=max(16, _block_r(fam)),
-            IEEE=not native_dot(qkv.dtype), num_warps=4, num_stages=3)
+            qkv, cos, sin, positions, meta.token_slot, meta.seg_slot, tail_pos, h, fam.lora_b, fam.ranks,
+            fam.scalings, t, h.shape[2], qkv.stride(0), cos.stride(0), h.stride(1), h.stride(2), h.stride(3),
+            *fam.lora_b.stride()[:2], HQ=num_heads, HK=num_kv_heads, HALF=dim // 2,
+            HALF_P2=max(16, triton.next_power_of_2(dim // 2)), BLOCK_M=max(16, triton.next_power_of_2(t)),
+            BLOCK_R=max(16, _block_r(fam)), ONE=meta.num_segments == 1,
+            IEEE=not native_dot(qkv.dtype), num_warps=num_warps, num_stages=3)
 
 
-def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam,
-                  down_fam, block_n: int = 64, num_warps: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act, h_down): gate_up += scaling * h_gate_up[i] @ B (rounded), act = silu(g) * u, and
-    h_down = act @ A_down.T as float32 parts [column tiles, T, R] (sum them over the first dim)."""
+def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam, down_fam,
+                  tail_pos: torch.Tensor, block_n: int | None = None,
+                  num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act, h_down): gate_up += scaling * h_gate_up[0, t, pos(t), i] @ B (rounded), act = silu(g) * u,
+    and h_down = act @ A_down.T as float32 parts [column tiles, T, 1 (stride 0), 1, R] (sum them over the
+    first dim): the h that ``norm_lora`` takes."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1 or gate_up.dtype not in _DTYPES:
         raise ValueError(f"gate_up must be [T, 2I] with unit column stride, got {tuple(gate_up.shape)}")
     t, n2 = gate_up.shape
     n = n2 // 2
     _check_meta(meta, t)
     _check_family("gate_up", gate_up_fam, None, n2, 2)
-    _check_h("gate_up", h_gate_up, 2, t, gate_up_fam)
+    _check_h("gate_up", h_gate_up, 1, t, gate_up_fam, tail_pos)
     _check_family("down", down_fam, n, None, 1)
+    one = meta.num_segments == 1
+    block_n = block_n or (SILU_ONE if one else SILU_MULTI)[0]
+    num_warps = num_warps or (SILU_ONE if one else SILU_MULTI)[1]
     tiles = triton.cdiv(n, block_n)
     block_r = max(16, _block_r(gate_up_fam), _block_r(down_fam))
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     h_down = torch.empty((tiles, t, block_r), dtype=torch.float32, device=gate_up.device)
     if t:
         _silu_mul_lora_kernel[(tiles,)](
-            gate_up, out, meta.token_slot, meta.seg_slot, h_gate_up, gate_up_fam.lora_b, gate_up_fam.ranks,
-            gate_up_fam.scalings, down_fam.lora_a, down_fam.ranks, h_down, t, n, gate_up.stride(0), out.stride(0),
-            h_gate_up.stride(0), h_gate_up.stride(1), *gate_up_fam.lora_b.stride()[:2], down_fam.lora_a.stride(0),
+            gate_up, out, meta.token_slot, meta.seg_slot, tail_pos, h_gate_up, gate_up_fam.lora_b, gate_up_fam.ranks,
+            gate_up_fam.scalings, down_fam.lora_a, down_fam.ranks, h_down, t, n, h_gate_up.shape[2], gate_up.stride(0), out.stride(0),
+            *h_gate_up.stride()[1:4], *gate_up_fam.lora_b.stride()[:2], down_fam.lora_a.stride(0),
             down_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1),
-            BLOCK_M=max(16, triton.next_power_of_2(t)), BN=block_n, BLOCK_R=block_r, NATIVE=native_dot(gate_up.dtype),
+            BLOCK_M=max(16, triton.next_power_of_2(t)), BN=block_n, BLOCK_R=block_r, ONE=one, NATIVE=native_dot(gate_up.dtype),
             IEEE=not native_dot(gate_up.dtype), num_warps=num_warps)
-    return out, h_down
+    return out, h_down.as_strided((tiles, t, 1, 1, block_r), (h_down.stride(0), h_down.stride(1), 0, block_r, 1))
 
 
 class LoRATails:
-    """Base projection weights with room under them for one adapter's A rows.
+    """Base projection weights with room under them for the A rows of up to ``positions`` adapters.
 
-    ``add(w, bias)`` makes ``ext = [out + pad, in]`` whose first ``out`` rows are ``w`` and
+    ``add(w, bias)`` makes ``ext = [out + extra, in]`` whose first ``out`` rows are ``w`` and
     returns that part as a view: the model keeps it as the layer's weight, so every other
-    path reads exactly what it read before, and the original tensor can go. The next
-    ``n_slices * max_rank`` rows hold the step's adapter's A (``a_rows``); consumers mask by
-    rank, so what lies past a rank does not matter. ``F.linear(x, ext[i])`` then returns the
-    projection and, in its extra columns, x @ A.T. The extra rows are padded to a multiple
-    of 64, where cuBLAS keeps a fast kernel (bench/NOTES-kernels.md).
+    path reads exactly what it read before, and the original tensor can go. Position p holds
+    one adapter's A in rows ``out + p * n_slices * max_rank`` on (``a_rows``); consumers mask
+    by rank, so what lies past a rank does not matter. ``F.linear(x, *weight(i, k))`` returns
+    the projection and, in its extra columns, x @ A.T against the adapters at positions < k:
+    a step reads the A rows of its own adapters only. The extra rows are padded to a
+    multiple of 64, where cuBLAS keeps a fast kernel (bench/NOTES-kernels.md).
     """
 
     PAD = 64
 
-    def __init__(self, n_slices: int, max_rank: int):
-        self.n_slices, self.max_rank = n_slices, max_rank
-        self.extra = -(-n_slices * max_rank // self.PAD) * self.PAD
+    def __init__(self, n_slices: int, max_rank: int, positions: int = 1):
+        if positions < 1:
+            raise ValueError(f"positions must be >= 1, got {positions}")
+        self.n_slices, self.max_rank, self.positions = n_slices, max_rank, positions
+        self.block = n_slices * max_rank            # rows a position takes
+        self.extra = self.rows(positions)
         self.out = 0
         self.ext: list[torch.Tensor] = []
         self.bias: list[torch.Tensor | None] = []
+
+    def rows(self, positions: int) -> int:
+        """Extra rows a GEMM over the first ``positions`` positions reads (padded)."""
+        return -(-positions * self.block // self.PAD) * self.PAD
 
     def add(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.ext and w.shape != (self.out, self.ext[0].shape[1]):
@@ -341,13 +448,23 @@ class LoRATails:
         self.bias.append(None if bias is None else torch.cat((bias, bias.new_zeros(self.extra))))
         return e[: self.out]
 
-    def a_rows(self, layer: int) -> torch.Tensor:
-        """[n_slices, max_rank, in]: where the step's adapter's A goes."""
+    def weight(self, layer: int, positions: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of layer ``layer`` with the A rows of the first ``positions`` positions."""
+        if not 1 <= positions <= self.positions:
+            raise ValueError(f"positions must be in [1, {self.positions}], got {positions}")
+        end = self.out + self.rows(positions)
+        b = self.bias[layer]
+        return self.ext[layer][:end], None if b is None else b[:end]
+
+    def a_rows(self, layer: int, position: int = 0) -> torch.Tensor:
+        """[n_slices, max_rank, in]: where the A of the adapter at ``position`` goes."""
         e = self.ext[layer]
-        return e[self.out: self.out + self.n_slices * self.max_rank].view(self.n_slices, self.max_rank, e.shape[1])
+        at = self.out + position * self.block
+        return e[at: at + self.block].view(self.n_slices, self.max_rank, e.shape[1])
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """GEMM output [T, out + pad] -> (projection [T, out], h [n_slices, T, max_rank]) as views."""
+        """GEMM output [T, out + rows(k)] -> (projection [T, out], h [1, T, k, n_slices, max_rank]) as views."""
         t = y.shape[0]
-        h = y[:, self.out: self.out + self.n_slices * self.max_rank]
-        return y[:, : self.out], h.as_strided((self.n_slices, t, self.max_rank), (self.max_rank, y.stride(0), 1))
+        k = (y.shape[1] - self.out) // self.block
+        return y[:, : self.out], y[:, self.out:].as_strided(
+            (1, t, k, self.n_slices, self.max_rank), (0, y.stride(0), self.block, self.max_rank, 1))

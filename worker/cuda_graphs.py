@@ -1,9 +1,11 @@
 """Decode steps replayed from captured CUDA graphs, one per bucketed batch size.
 
 A decode step launches a few hundred small kernels; replaying them as one
-graph removes the launch gaps. Each bucket is captured once per LoRA mode: no
-LoRA (no SGMV kernels), one adapter, several adapters (the SGMV wrapper picks
-different kernels for the last two, and a graph holds only what it captured).
+graph removes the launch gaps. Each bucket is captured once per LoRA mode (a
+graph holds only what it captured): no LoRA; for buckets on the fused-LoRA path
+(LoRA inside the step's own kernels), once per number of tail positions its GEMMs
+read (``LlamaModel.tail_buckets``); above it, one adapter and several adapters
+(the SGMV wrapper picks different kernels for the two).
 A batch is padded up to its bucket: padded rows read and write only the KV
 cache's scratch block and carry no adapter, and their logits are dropped.
 """
@@ -24,22 +26,42 @@ class DecodeGraphs:
         if not self.buckets or self.buckets[-1] < max_batch:
             self.buckets.append(max_batch)
         self.max_batch = self.buckets[-1]
-        self.modes = ("none", "single", "multi") if with_lora else ("none",)
-        self.graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.with_lora = with_lora
+        self.graphs: dict[tuple[int, str | tuple[str, int]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
+    def modes(self, n: int) -> list[tuple[str | tuple[str, int], list[int]]]:
+        """(mode, the token slots a capture uses) for bucket ``n``."""
+        modes: list[tuple[str | tuple[str, int], list[int]]] = [("none", [-1] * n)]
+        if not self.with_lora:
+            return modes
+        if n <= self.model.fused_lora_tokens:
+            return modes + [(("fused", k), [i % k for i in range(n)]) for k in self.model.tail_buckets(n)]
+        modes.append(("single", [0] * n))
+        if n > 1 and self.buffers.lora.seg_slot.numel() >= 2:   # one token or one LoRA slot: never two adapters
+            modes.append(("multi", [i % 2 for i in range(n)]))
+        return modes
+
+    def mode(self, inputs: StepInputs) -> str | tuple[str, int]:
+        k, n = inputs.lora.num_segments, inputs.input_ids.shape[0]
+        if k == 0:
+            return "none"
+        if self.model.fused_path(inputs):
+            return "fused", self.model.tail_bucket(k, n)
+        return "single" if k == 1 else "multi"
+
     @torch.inference_mode()
     def capture(self, progress=None) -> None:
         pool = None
+        total = sum(len(self.modes(n)) for n in self.buckets)
         for n in reversed(self.buckets):            # largest first, so smaller graphs fit in its pool
-            for mode in self.modes:
-                if mode == "multi" and (n == 1 or self.buffers.lora.seg_slot.numel() < 2):
-                    continue                        # one token, or one LoRA slot, cannot hold two adapters
-                slots = {"none": [-1] * n, "single": [0] * n, "multi": [i % 2 for i in range(n)]}[mode]
+            for mode, slots in self.modes(n):
                 inputs = self._pad([0] * n, [0] * n, [[] for _ in range(n)], [1] * n, slots, n)
+                if self.mode(inputs) != mode:
+                    raise RuntimeError(f"batch {n}: a capture for mode {mode} would replay as {self.mode(inputs)}")
                 for _ in range(2):                  # compile and warm up outside the capture
                     self._run(inputs)
                 torch.cuda.synchronize()
@@ -49,7 +71,7 @@ class DecodeGraphs:
                 pool = graph.pool()
                 self.graphs[(n, mode)] = (graph, logits)
             if progress:
-                progress(len(self.graphs), len(self.buckets) * len(self.modes), f"batch {n}")
+                progress(len(self.graphs), total, f"batch {n}")
         torch.cuda.synchronize()
 
     def run(self, ids: list[int], positions: list[int], slot_mapping: list[int], block_tables: list[list[int]],
@@ -61,9 +83,8 @@ class DecodeGraphs:
         inputs = self._pad(ids + [0] * pad, positions + [0] * pad, block_tables + [[]] * pad,
                            context_lens + [1] * pad, token_slots + [-1] * pad, n,
                            slot_mapping + [KVCache.SCRATCH_BLOCK * self.kv.block_size] * pad)
-        segments = inputs.lora.num_segments
         self.model.stage_lora(inputs)
-        graph, logits = self.graphs[(n, "none" if segments == 0 else "single" if segments == 1 else "multi")]
+        graph, logits = self.graphs[(n, self.mode(inputs))]
         graph.replay()
         self.replays += 1
         return logits[:b]

@@ -9,9 +9,10 @@ from tests.hf_reference import HFReference
 from worker.engine import Engine, SamplingParams
 
 
-# separate SGMV kernels; then one adapter beside a base request, so that every step takes the fused path
-# (LoRA inside the norm, rotary and SiLU-mul kernels; ad0 targets all 7 projections)
-@pytest.mark.parametrize("fused_lora_tokens, names", [(0, ["ad0", None, "ad3"]), (64, ["ad0", None, "ad0"])])
+# separate SGMV kernels; then every step on the fused path (LoRA inside the GEMMs and the norm, rotary and
+# SiLU-mul kernels; ad0 targets all 7 projections): one adapter beside a base request, then three adapters
+@pytest.mark.parametrize("fused_lora_tokens, names", [(0, ["ad0", None, "ad3"]), (64, ["ad0", None, "ad0"]),
+                                                      (64, ["ad0", "ad1", None, "ad3"])])
 def test_triton_path_matches_peft(tiny, fused_lora_tokens, names):
     model_dir, adapters = tiny
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -20,7 +21,7 @@ def test_triton_path_matches_peft(tiny, fused_lora_tokens, names):
                     num_blocks=64)  # chunked prefill too
     for name, path in adapters.items():
         engine.add_adapter(name, path)
-    prompts = [[5, 9, 33, 70, 12, 8, 100, 4, 19], [100, 3, 4], [7, 8, 9, 10, 11]]
+    prompts = [[5, 9, 33, 70, 12, 8, 100, 4, 19], [100, 3, 4], [7, 8, 9, 10, 11], [2, 60, 61]][: len(names)]
     params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True)
     outs = engine.generate(prompts, names, params)
     ref = HFReference(model_dir, adapters)
@@ -30,9 +31,11 @@ def test_triton_path_matches_peft(tiny, fused_lora_tokens, names):
         assert max(abs(x.logprob - y) for x, y in zip(out.logprobs, lps)) < 1e-4
 
 
-def test_fused_path_follows_the_step_adapter(tiny):
-    """One-adapter steps, one adapter after another: each time the A rows under the base weights must be
-    the step's adapter's (a stale copy would still produce text, just the previous adapter's)."""
+def test_fused_path_restages_the_step_adapters(tiny):
+    """Fused steps one after another, with one adapter, then several: each time the A rows under the base
+    weights must be the step's adapters', at positions inside the rows its GEMMs read (a stale or misplaced
+    copy would still produce text, just another adapter's): ad0 replaces ad3 at position 0, ad3 joins it at
+    position 1, then runs alone, where it must move back below the one-position bucket."""
     model_dir, adapters = tiny
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = Engine(model_dir, device=device, lora_backend="triton", attention_backend="triton", cuda_graphs=False,
@@ -40,10 +43,11 @@ def test_fused_path_follows_the_step_adapter(tiny):
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     ref = HFReference(model_dir, adapters)
-    params = SamplingParams(max_tokens=3, temperature=0.0, logprobs=1, ignore_eos=True)
+    params = SamplingParams(max_tokens=2, temperature=0.0, logprobs=1, ignore_eos=True)
     prompt = [5, 9, 33, 70, 12]
-    for name in ("ad0", "ad3", "ad0"):
-        out = engine.generate([prompt], [name], params)[0]
-        tokens, lps = ref.greedy(prompt, name, 3)
-        assert out.token_ids == tokens
-        assert max(abs(x.logprob - y) for x, y in zip(out.logprobs, lps)) < 1e-4
+    for names in (["ad3"], ["ad0"], ["ad0", "ad3"], ["ad3"], ["ad2", "ad1", "ad0"]):
+        outs = engine.generate([prompt] * len(names), names, params)
+        for name, out in zip(names, outs):
+            tokens, lps = ref.greedy(prompt, name, 2)
+            assert out.token_ids == tokens, names
+            assert max(abs(x.logprob - y) for x, y in zip(out.logprobs, lps)) < 1e-4, names

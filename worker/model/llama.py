@@ -9,16 +9,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.lora_meta import StagedBuffer
 from worker.model.config import ModelConfig
 from worker.model.weights import ModelWeights
 from worker.step_inputs import StepInputs
 
 
 class LlamaModel:
-    """The forward pass; LoRA goes through ``lora.apply(x, y, layer, family, meta)``, or, for steps of
-    at most ``fused_lora_tokens`` tokens with one adapter, rides in the qkv, o and gate_up GEMMs and the norm,
-    rotary and SiLU-mul kernels (``kernels/fused_lora.py``: no LoRA launch at all). With several
-    adapters the separate segment-major SGMV kernels run (bench/NOTES-kernels.md)."""
+    """The forward pass; LoRA goes through ``lora.apply(x, y, layer, family, meta)`` (the segment-major
+    SGMV kernels), or, for steps of at most ``fused_lora_tokens`` tokens, rides in the qkv, o and gate_up
+    GEMMs and the norm, rotary and SiLU-mul kernels (``kernels/fused_lora.py``: no LoRA launch at all;
+    bench/NOTES-kernels.md)."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, ops, lora, fused_lora_tokens: int = 0):
         self.cfg = cfg
@@ -30,15 +31,20 @@ class LlamaModel:
             from kernels import fused_lora          # Triton: imported only where it runs
             self.fused = fused_lora
             self.fused_lora_tokens = min(fused_lora_tokens, fused_lora.MAX_TOKENS)
-            # qkv, o and gate_up get room under them for one adapter's A rows; the layers keep views of the
-            # base part, so the other paths read exactly the weights they read before
-            # (one layer at a time: the copy being made is the only extra memory)
-            self.tails = {f: fused_lora.LoRATails(n, lora.max_rank) for f, n in (("qkv", 3), ("o", 1), ("gate_up", 2))}
+            # qkv, o and gate_up get room under them for the A rows of a step's adapters (one position each,
+            # at most one adapter a token); the layers keep views of the base part, so the other paths read
+            # exactly the weights they read before (one layer at a time: the copy being made is the only
+            # extra memory)
+            self.tail_positions = min(lora.num_slots, self.fused_lora_tokens)
+            self.tails = {f: fused_lora.LoRATails(n, lora.max_rank, self.tail_positions)
+                          for f, n in (("qkv", 3), ("o", 1), ("gate_up", 2))}
             for w in weights.layers:
                 w.qkv = self.tails["qkv"].add(w.qkv, w.qkv_bias)
                 w.o = self.tails["o"].add(w.o)
                 w.gate_up = self.tails["gate_up"].add(w.gate_up)
-            self._staged: tuple[int, int] | None = None     # (slot, generation) whose A rows the tails hold
+            self._staged: list[tuple[int, int] | None] = [None] * self.tail_positions   # (slot, generation)
+            self.tail_pos = StagedBuffer(lora.num_slots, torch.int32, weights.embed.device)  # slot -> position
+            self._pos_of = [0] * lora.num_slots                                                 # its host copy
         device = weights.embed.device
         pos = torch.arange(cfg.max_context, device=device, dtype=torch.float32)
         freqs = torch.outer(pos, cfg.inv_freq().to(device))
@@ -80,52 +86,76 @@ class LlamaModel:
         return h
 
     def fused_path(self, s: StepInputs) -> bool:
-        """Whether this step's LoRA rides in the step's own kernels (one adapter, few tokens)."""
-        return s.input_ids.shape[0] <= self.fused_lora_tokens and s.lora.num_segments == 1
+        """Whether this step's LoRA rides in the step's own kernels (few tokens, at least one adapter)."""
+        return s.input_ids.shape[0] <= self.fused_lora_tokens and s.lora.num_segments >= 1
+
+    def tail_bucket(self, adapters: int, tokens: int) -> int:
+        """Positions the GEMMs of a fused step read: its adapters rounded up to a power of two, but no more
+        than the step's tokens or the tails hold (a captured graph fixes the GEMM shapes, so steps share
+        these few sizes; ``tail_buckets`` lists them)."""
+        return min(1 << (adapters - 1).bit_length(), tokens, self.tail_positions)
+
+    def tail_buckets(self, tokens: int) -> list[int]:
+        """Every ``tail_bucket`` a step of ``tokens`` tokens can have."""
+        return sorted({self.tail_bucket(k, tokens) for k in range(1, min(tokens, self.tail_positions) + 1)})
 
     def stage_lora(self, s: StepInputs) -> None:
-        """Put the step's adapter's q/k/v, o and gate/up A rows under the base weights, unless they are there.
+        """Put the A rows (q/k/v, o, gate/up) of the step's adapters under the base weights, at positions
+        below the step's ``tail_bucket``, unless they are there; ``tail_pos`` maps each slot to its position.
 
-        Runs before a step (a captured graph replays without it); a copy of about 0.8 MB a layer
-        at rank 16, only when the one-adapter steps switch adapters or the slot was rewritten.
+        Runs before a step (a captured graph replays without it). An adapter that is already staged below
+        the bucket, with its slot's contents unchanged since, stays where it is; the others go to free
+        positions there (a copy of about 0.8 MB a layer at rank 16). So steady decoding copies nothing.
         """
         if not self.fused_path(s):
             return
         if s.input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
-            return                                  # capture: the replays stage their own adapter
-        slot = s.lora.slots[0]
-        key = (slot, self.lora.generation[slot])
-        if key == self._staged:
-            return
+            return                                  # capture: the replays stage their own adapters
+        need = s.lora.slots
+        bucket = self.tail_bucket(len(need), s.input_ids.shape[0])
+        gen = self.lora.generation
+        where = {e[0]: p for p, e in enumerate(self._staged[:bucket]) if e is not None and e[1] == gen[e[0]]}
+        pos = {slot: where[slot] for slot in need if slot in where}
+        free = iter(sorted(set(range(bucket)) - set(pos.values())))
         dst, src = [], []
-        for i, fams in enumerate(self.lora.layers):
-            for f, tails in self.tails.items():
-                dst.append(tails.a_rows(i))
-                src.append(fams[f].lora_a[slot])
-        torch._foreach_copy_(dst, src)
-        self._staged = key
+        for slot in need:
+            if slot in pos:
+                continue
+            p = pos[slot] = next(free)
+            self._staged[p] = (slot, gen[slot])
+            for i, fams in enumerate(self.lora.layers):
+                for f, tails in self.tails.items():
+                    dst.append(tails.a_rows(i, p))
+                    src.append(fams[f].lora_a[slot])
+        if dst:
+            torch._foreach_copy_(dst, src)
+        if any(self._pos_of[slot] != p for slot, p in pos.items()):
+            for slot, p in pos.items():
+                self._pos_of[slot] = p
+            self.tail_pos.put(self._pos_of)
 
     def _forward_fused_lora(self, s: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """``forward`` with the step's one adapter folded into its GEMMs and small kernels.
+        """``forward`` with the step's adapters folded into its GEMMs and small kernels.
 
         q/k/v's, o's and gate/up's shrinks come out of the extra columns of their GEMMs
-        (``stage_lora`` put the A rows there), down's from SiLU-mul, and every expand happens in
+        (``stage_lora`` put the A rows of the step's adapters there), down's from SiLU-mul, and every expand happens in
         the kernel that reads the projection's output next.
         """
-        cfg, fl = self.cfg, self.fused
+        cfg, fl, pos = self.cfg, self.fused, self.tail_pos.device
         layers, fams, eps, meta = self.w.layers, self.lora.layers, cfg.rms_norm_eps, s.lora
         qkv_t, o_t, gu_t = self.tails["qkv"], self.tails["o"], self.tails["gate_up"]
+        k = self.tail_bucket(meta.num_segments, s.input_ids.shape[0])
         h, residual = self.ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
         for i, layer in enumerate(layers):
             fam = fams[i]
-            qkv, h_qkv = qkv_t.split(F.linear(h, qkv_t.ext[i], qkv_t.bias[i]))
+            qkv, h_qkv = qkv_t.split(F.linear(h, *qkv_t.weight(i, k)))
             fl.rotary_lora_(qkv, h_qkv, fam["qkv"], self.cos, self.sin, s.positions, meta, cfg.num_heads,
-                            cfg.num_kv_heads)
-            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            o, h_o = o_t.split(F.linear(self._attend(q, k, v, kv_caches[i], s), o_t.ext[i]))
-            h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"])
-            gu, h_gu = gu_t.split(F.linear(h, gu_t.ext[i]))
-            act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], fam["down"])
+                            cfg.num_kv_heads, pos)
+            q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            o, h_o = o_t.split(F.linear(self._attend(q, kk, v, kv_caches[i], s), o_t.weight(i, k)[0]))
+            h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"], pos)
+            gu, h_gu = gu_t.split(F.linear(h, gu_t.weight(i, k)[0]))
+            act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], fam["down"], pos)
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
             h, residual = fl.norm_lora(F.linear(act, layer.down), residual, next_norm, eps, meta, h_down,
                                        fam["down"])
