@@ -159,8 +159,8 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_
     slot = tl.maximum(slot, 0).to(tl.int64)
     h_row = h_ptr + row * stride_ht
     if HAS_POS:                                  # a position outside h (a staging bug) reads nothing
-        p, use = _position(pos_ptr, slot, use, n_pos, False)
-        h_row += p * stride_hpos
+        pos, use = _position(pos_ptr, slot, use, n_pos, False)
+        h_row += pos * stride_hpos
     # h summed over its parts once ([P_P2, BLOCK_R] in one load), then B in [RC, hidden] tiles
     rank = tl.where(use, tl.load(rank_ptr + slot), 0)
     p = tl.arange(0, P_P2)
