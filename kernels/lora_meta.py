@@ -29,15 +29,16 @@ class StagedBuffer:
     def put(self, values: list[int], tail: dict[int, list[int]] | None = None) -> torch.Tensor:
         """Write ``values`` at the start; ``tail`` maps further offsets (past ``values``) to lists
         written there too, moved in the same copy. Returns the device view of ``values``."""
+        tail = tail or {}
         n = end = len(values)
-        for at, more in (tail or {}).items():
+        for at, more in tail.items():
+            if at < n:
+                raise ValueError(f"a tail at {at} overlaps the {n} values before it")
             end = max(end, at + len(more))
         if end > self.device.numel():
             raise ValueError(f"{end} values exceed the buffer's capacity {self.device.numel()}")
         self.host[:n] = torch.tensor(values, dtype=self.host.dtype)
-        for at, more in (tail or {}).items():
-            if at < n:
-                raise ValueError(f"a tail at {at} overlaps the {n} values before it")
+        for at, more in tail.items():
             self.host[at: at + len(more)] = torch.tensor(more, dtype=self.host.dtype)
         self.device[:end].copy_(self.host[:end], non_blocking=True)
         return self.device[:n]
