@@ -45,13 +45,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fused import add_rms_norm_row, check_norm_args
+from kernels.fused import check_norm_args
 from kernels.lora_meta import LoRAMeta
 from kernels.mma import mma, native_dot
 
 MAX_TOKENS = 64
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-RANK_CHUNK = 8      # rank rows a norm program handles at once ([RANK_CHUNK, hidden] tiles; tuned on the H100)
+NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tuned on the H100)
 SILU_ONE = (64, 2)      # SiLU-mul (columns a program, warps) with one adapter (tuned on the H100)
 SILU_MULTI = (64, 4)    # and with several
 RANK_UNROLL = tl.constexpr(16)  # ranks a per-row loop unrolls at once (unrolled to max_rank, the rank-64 GPU tests stalled)
@@ -154,6 +154,12 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     cm = cols < n
+    # the loads that wait on nothing go first, to overlap the chain slot -> position, rank -> h, B (issued
+    # after the LoRA loads, the row with h in 224 parts took 10.1 us against 5.6; bench/NOTES-kernels.md)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
+    if HAS_RES:
+        res = tl.load(r_ptr + row * stride_r + cols, mask=cm, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     slot = tl.load(slot_ptr + row)
     use = slot >= 0
     slot = tl.maximum(slot, 0).to(tl.int64)
@@ -175,10 +181,13 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_
         b = tl.load(b_ptr + slot * stride_bs + r[:, None] * stride_br + cols[None, :],
                     mask=(r < rank)[:, None] & cm[None, :], other=0.0).to(tl.float32)
         delta += tl.sum(hc[:, None] * b, axis=0)
-    x = tl.load(x_ptr + row * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
-    x = (x + delta).to(out_ptr.dtype.element_ty).to(tl.float32)
-    add_rms_norm_row(x, row, cols, cm, r_ptr, w_ptr, out_ptr, s_ptr, stride_r, stride_o, stride_s, n, eps, HAS_RES,
-                     True)
+    dt = out_ptr.dtype.element_ty          # as kernels.fused.add_rms_norm_row, with x, residual, w loaded above
+    x = (x + delta).to(dt).to(tl.float32)
+    if HAS_RES:
+        x = (x + res).to(dt).to(tl.float32)
+    tl.store(s_ptr + row * stride_s + cols, x.to(dt), mask=cm)
+    y = (x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)).to(dt).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (w * y).to(dt), mask=cm)
 
 
 @triton.jit
@@ -322,8 +331,8 @@ def _block_r(fam) -> int:
 
 
 def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, meta: LoRAMeta,
-              h: torch.Tensor, fam, tail_pos: torch.Tensor | None = None, rank_chunk: int = RANK_CHUNK,
-              num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+              h: torch.Tensor, fam, tail_pos: torch.Tensor | None = None, num_warps: int = NORM[0],
+              rank_chunk: int = NORM[1]) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, s): s = x + expand + residual, out = w * rmsnorm(s); one program a row.
 
     The expand: x[t] += scaling * sum_p h[p, t, pos(t), 0] @ B[slot(t)], ``fam`` a one-slice
