@@ -8,6 +8,7 @@ kernel can walk one segment per adapter. Buffers are preallocated at
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 
 import torch
@@ -19,12 +20,22 @@ class StagedBuffer:
     ``put(values)`` writes a host list into the twin and moves it with one
     non-blocking copy, so a step pays no page-locked allocation. The twin is
     rewritten only on the next ``put``, after the step's own synchronisation.
+    The list goes into the twin through a ctypes array over its memory: a
+    step puts about ten lists, and ``torch.tensor(list)`` cost 25-35 us each on
+    the H100's host, more than the rest of the step's host work
+    (bench/NOTES-kernels.md v6). Values must fit the dtype (ids, positions,
+    block numbers, slots): ctypes does not check.
     """
 
+    _CTYPES = {torch.int32: ctypes.c_int32, torch.int64: ctypes.c_int64}
+
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str, fill: int = 0):
+        if dtype not in self._CTYPES:
+            raise ValueError(f"a staged buffer holds int32 or int64, not {dtype}")
         device = torch.device(device)
         self.device = torch.full((size,), fill, dtype=dtype, device=device)
         self.host = torch.full((size,), fill, dtype=dtype, pin_memory=device.type == "cuda")
+        self._twin = (self._CTYPES[dtype] * size).from_address(self.host.data_ptr())   # lives as long as host
 
     def put(self, values: list[int], tail: dict[int, list[int]] | None = None) -> torch.Tensor:
         """Write ``values`` at the start; ``tail`` maps further offsets (past ``values``) to lists
@@ -37,9 +48,9 @@ class StagedBuffer:
             end = max(end, at + len(more))
         if end > self.device.numel():
             raise ValueError(f"{end} values exceed the buffer's capacity {self.device.numel()}")
-        self.host[:n] = torch.tensor(values, dtype=self.host.dtype)
+        self._twin[:n] = values
         for at, more in tail.items():
-            self.host[at: at + len(more)] = torch.tensor(more, dtype=self.host.dtype)
+            self._twin[at: at + len(more)] = more
         self.device[:end].copy_(self.host[:end], non_blocking=True)
         return self.device[:n]
 
