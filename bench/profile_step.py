@@ -4,7 +4,8 @@ Random Llama-3-8B-shaped weights (bf16), rank-16 adapters on all 7 projections l
 into the GPU slots, decode graphs captured for one batch size, contexts of ``--context`` tokens
 (block tables point at arbitrary blocks: the values do not change the cost). For each path
 (fused LoRA on/off) and workload (base, identical, distinct) it replays the graph, reports
-the replay time, and sums the profiler's kernel records per kernel name over one step.
+the run time (host fill and staging + replay), the host part and the replay alone, and per kernel
+name over one step the profiler's kernel time and the GPU's idle time before those kernels.
 
     python bench/profile_step.py [--batch 32] [--context 192] [--out DIR]
 """
@@ -45,18 +46,61 @@ def replay_ms(graphs: DecodeGraphs, args_, reps: int = 30) -> float:
     return times[len(times) // 2]
 
 
-def kernel_breakdown(graphs: DecodeGraphs, args_, steps: int = 3) -> dict[str, float]:
+def split_ms(graphs: DecodeGraphs, args_, reps: int = 30) -> tuple[float, float]:
+    """(host ms of ``run`` before its replay, GPU ms of the replay alone): medians. The host part is the
+    inputs' fill and the LoRA staging; in ``replay_ms`` the GPU waits for it."""
+    import time
+    host, gpu = [], []
+    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph, _ = graphs.prepare(*args_)
+        host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        ev0.record()
+        graph.replay()
+        ev1.record()
+        ev1.synchronize()
+        gpu.append(ev0.elapsed_time(ev1))
+    return sorted(host)[reps // 2], sorted(gpu)[reps // 2]
+
+
+def host_profile(graphs: DecodeGraphs, args_, reps: int = 100, top: int = 8) -> list[str]:
+    """The functions ``prepare`` spends its own time in (cProfile, us a step), most first."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        graphs.prepare(*args_)
+        torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [f"{v[2] / reps * 1e6:7.1f} us own {v[3] / reps * 1e6:7.1f} us with callees {v[1] / reps:5.1f} calls  "
+            f"{Path(k[0]).name}:{k[1]}({k[2]})" for k, v in rows]
+
+
+def kernel_breakdown(graphs: DecodeGraphs, args_, steps: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """(kernel time, idle time before the kernel) per kernel name, us a step. The idle time is measured from
+    the previous kernel's end inside a step; a step's first kernel gets none."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             graphs.run(*args_)
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
     us: dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type.name == "CUDA":
-            us[ev.name[:70]] += ev.device_time / steps
-    return dict(sorted(us.items(), key=lambda kv: -kv[1]))
+    gaps: dict[str, float] = defaultdict(float)
+    spans = sorted((ev.time_range.start, ev.time_range.end, ev.name[:70]) for ev in prof.events()
+                   if ev.device_type.name == "CUDA")
+    for i, (start, end, name) in enumerate(spans):
+        us[name] += (end - start) / steps
+        if i and start - spans[i - 1][1] < 200:          # a larger gap lies between steps
+            gaps[name] += max(0.0, start - spans[i - 1][1]) / steps
+    order = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1]))  # noqa: E731
+    return order(us), order(gaps)
 
 
 def main() -> None:
@@ -91,12 +135,19 @@ def main() -> None:
             for w, token_slots in workloads.items():
                 run_args = ([1] * b, [ctx - 1] * b, mapping, tables, [ctx] * b, token_slots)
                 ms = replay_ms(graphs, run_args)
-                kernels = kernel_breakdown(graphs, run_args)
+                host_ms, graph_ms = split_ms(graphs, run_args)
+                kernels, gaps = kernel_breakdown(graphs, run_args)
+                host_top = host_profile(graphs, run_args)
                 rows.append({"fused_lora_tokens": path, "workload": w, "batch": b, "context": ctx,
-                             "replay_ms": round(ms, 3), "kernels_us": {k: round(v, 1) for k, v in kernels.items()}})
-                lines = [f"\n== fused_lora_tokens={path} {w}: replay {ms:.3f} ms, kernel sum "
-                         f"{sum(kernels.values()) / 1e3:.3f} ms"]
-                lines += [f"  {v:9.1f} us  {k}" for k, v in list(kernels.items())[:18]]
+                             "replay_ms": round(ms, 3), "host_ms": round(host_ms, 3), "graph_ms": round(graph_ms, 3),
+                             "kernels_us": {k: round(v, 1) for k, v in kernels.items()},
+                             "idle_before_us": {k: round(v, 1) for k, v in gaps.items()}, "host_profile": host_top})
+                lines = [f"\n== fused_lora_tokens={path} {w}: run {ms:.3f} ms (host before replay {host_ms:.3f}, "
+                         f"replay alone {graph_ms:.3f}), kernel sum {sum(kernels.values()) / 1e3:.3f} ms, idle "
+                         f"between kernels {sum(gaps.values()) / 1e3:.3f} ms"]
+                lines += [f"  {v:9.1f} us  idle before {gaps.get(k, 0.0):7.1f} us  {k}"
+                          for k, v in list(kernels.items())[:18]]
+                lines += ["  host, prepare (cProfile):"] + [f"    {line}" for line in host_top]
                 print("\n".join(lines), flush=True)
             del graphs
             torch.cuda.empty_cache()

@@ -77,6 +77,15 @@ class DecodeGraphs:
     def run(self, ids: list[int], positions: list[int], slot_mapping: list[int], block_tables: list[list[int]],
             context_lens: list[int], token_slots: list[int]) -> torch.Tensor:
         """Logits [len(ids), vocab] of one decode step (one new token per sequence)."""
+        graph, logits = self.prepare(ids, positions, slot_mapping, block_tables, context_lens, token_slots)
+        graph.replay()
+        self.replays += 1
+        return logits
+
+    def prepare(self, ids: list[int], positions: list[int], slot_mapping: list[int], block_tables: list[list[int]],
+                context_lens: list[int], token_slots: list[int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The host half of ``run``: fill the step's inputs and stage its adapters; returns the graph to
+        replay and the view of its logits that the replay fills."""
         b = len(ids)
         n = self.bucket(b)
         pad = n - b
@@ -85,9 +94,7 @@ class DecodeGraphs:
                            slot_mapping + [KVCache.SCRATCH_BLOCK * self.kv.block_size] * pad)
         self.model.stage_lora(inputs)
         graph, logits = self.graphs[(n, self.mode(inputs))]
-        graph.replay()
-        self.replays += 1
-        return logits[:b]
+        return graph, logits[:b]
 
     def _pad(self, ids, positions, tables, ctx, token_slots, n, slot_mapping=None) -> StepInputs:
         scratch = KVCache.SCRATCH_BLOCK
