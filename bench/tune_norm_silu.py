@@ -80,3 +80,16 @@ for label, (meta, k) in metas.items():
         us = per_call(lambda i: fl.rotary_lora_(qkv[i], h_qkv, f_qkv[i], cos, cos, pos, meta, 32, 8, tail_pos,
                                                 num_warps=nw))
         print(f"rotary_lora warps {nw}: {us:6.2f} us", flush=True)
+print()
+# the base GEMMs with extra rows under them (A rows of the staged adapters, padded): which padding keeps
+# cuBLAS on the base shape's kernel (one weight bigger than L2, so every call streams it from DRAM)
+import torch.nn.functional as F  # noqa: E402
+for name, n, k_in, extras in (("gate_up", 2 * I, H, (0, 64, 128, 192, 256, 1024)), ("qkv", 6144, H, (0, 64, 128)),
+                              ("o", H, H, (0, 64, 128))):
+    xx = torch.randn(T, k_in, device=dev).to(dt)
+    out = []
+    for e in extras:
+        W = torch.randn(n + e, k_in, device=dev).to(dt)
+        out.append(f"+{e}: {median_us(graphed(lambda: [F.linear(xx, W) for _ in range(LAYERS)])) / LAYERS:6.2f}")
+        del W
+    print(f"GEMM {name:8s} " + "  ".join(out), flush=True)

@@ -115,31 +115,54 @@ def _expand_tile(acc, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, cols,
 
 
 @triton.jit
-def _expand_rows(acc, h_rows, rank, scaling, b_rows, stride_br, cols, col_ok):
+def _expand_rank_chunk(acc, h_rows, rank, scaling, b_rows, stride_br, cols, col_ok, r0):
+    """``_expand_rows`` for ranks r0 .. r0 + RANK_UNROLL - 1, unrolled (their loads issue together)."""
+    for j in tl.static_range(RANK_UNROLL):
+        ok = r0 + j < rank
+        hr = tl.load(h_rows + r0 + j, mask=ok, other=0.0).to(tl.float32) * scaling
+        b = tl.load(b_rows[:, None] + (r0 + j) * stride_br + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        acc += hr[:, None] * b.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _expand_rows(acc, h_rows, rank, scaling, b_rows, stride_br, cols, col_ok, LOOP: tl.constexpr):
     """acc[t, cols] += scaling[t] * h_rows[t][:rank[t]] @ B_rows[t][:rank[t], cols]: every row its own
     adapter (h_rows, b_rows: per-row pointers; rank 0 for rows without one). Ranks in unrolled chunks
-    of RANK_UNROLL (their loads issue together), chunks up to the largest rank among the rows."""
-    for r0 in range(0, tl.max(rank, axis=0), RANK_UNROLL):
-        for j in tl.static_range(RANK_UNROLL):
-            ok = r0 + j < rank
-            hr = tl.load(h_rows + r0 + j, mask=ok, other=0.0).to(tl.float32) * scaling
-            b = tl.load(b_rows[:, None] + (r0 + j) * stride_br + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                        other=0.0)
-            acc += hr[:, None] * b.to(tl.float32)
+    of RANK_UNROLL; where max_rank exceeds it (LOOP), a runtime loop over chunks up to the largest rank
+    among the rows (unrolling all of max_rank stalled the rank-64 GPU tests), else the one chunk
+    straight (the loop cost rotary 7.5 -> 11.3 us a call with 32 rank-16 adapters;
+    bench/NOTES-kernels.md v6). One copy of the chunk either way: compile time."""
+    if LOOP:
+        for r0 in range(0, tl.max(rank, axis=0), RANK_UNROLL):
+            acc = _expand_rank_chunk(acc, h_rows, rank, scaling, b_rows, stride_br, cols, col_ok, r0)
+    else:
+        acc = _expand_rank_chunk(acc, h_rows, rank, scaling, b_rows, stride_br, cols, col_ok, 0)
     return acc
+
+
+@triton.jit
+def _shrink_rank_chunk(part, x, a_rows, stride_ar, rank, cols, col_ok, rr, r0):
+    """``_shrink_rows`` for ranks r0 .. r0 + RANK_UNROLL - 1, unrolled."""
+    for j in tl.static_range(RANK_UNROLL):
+        a = tl.load(a_rows[:, None] + (r0 + j) * stride_ar + cols[None, :],
+                    mask=(r0 + j < rank)[:, None] & col_ok[None, :], other=0.0)
+        part = tl.where(rr[None, :] == r0 + j, tl.sum(x * a.to(tl.float32), axis=1)[:, None], part)
+    return part
 
 
 @triton.jit
 def _shrink_rows(x, a_rows, stride_ar, rank, cols, col_ok, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     """[BLOCK_M, BLOCK_R] float32: x[t, cols] @ A_rows[t][:rank[t], cols].T, every row its own adapter
-    (ranks as in ``_expand_rows``)."""
-    part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    (ranks in chunks as in ``_expand_rows``)."""
     rr = tl.arange(0, BLOCK_R)
-    for r0 in range(0, tl.max(rank, axis=0), RANK_UNROLL):
-        for j in tl.static_range(RANK_UNROLL):
-            a = tl.load(a_rows[:, None] + (r0 + j) * stride_ar + cols[None, :],
-                        mask=(r0 + j < rank)[:, None] & col_ok[None, :], other=0.0)
-            part = tl.where(rr[None, :] == r0 + j, tl.sum(x * a.to(tl.float32), axis=1)[:, None], part)
+    part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if BLOCK_R > RANK_UNROLL:
+        for r0 in range(0, tl.max(rank, axis=0), RANK_UNROLL):
+            part = _shrink_rank_chunk(part, x, a_rows, stride_ar, rank, cols, col_ok, rr, r0)
+    else:
+        part = _shrink_rank_chunk(part, x, a_rows, stride_ar, rank, cols, col_ok, rr, 0)
     return part
 
 
@@ -194,7 +217,7 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_
 def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, h_ptr, b_ptr,
                         ranks_ptr, scal_ptr, T, n_pos, stride_t, stride_c, stride_ht, stride_hpos, stride_hs, stride_bs,
                         stride_br, HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ONE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ONE: tl.constexpr, LOOP: tl.constexpr,
                         IEEE: tl.constexpr):
     hh = tl.program_id(0)                                   # q heads, then k heads, then v heads
     sl = (hh >= HQ).to(tl.int32) + (hh >= HQ + HK).to(tl.int32)
@@ -225,8 +248,8 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
         scaling = tl.load(scal_ptr + s0 * 3 + sl, mask=use, other=0.0)
         h_rows = h_ptr + rows * stride_ht + p * stride_hpos + sl * stride_hs
         b_rows = b_ptr + s0 * stride_bs
-        e1 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col, dm)
-        e2 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col + HALF, dm)
+        e1 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col, dm, LOOP)
+        e2 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col + HALF, dm, LOOP)
     x1 = (x1 + e1).to(dt).to(tl.float32)
     x2 = (x2 + e2).to(dt).to(tl.float32)
     if hh < HQ + HK:
@@ -272,9 +295,11 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr,
         h_rows = hg_ptr + rows * stride_hgt + p * stride_hgpos
         b_rows = bg_ptr + s0 * stride_bgs
         g = _expand_rows(g, h_rows, tl.load(rank_g_ptr + s0 * 2, mask=use, other=0),
-                         tl.load(scal_g_ptr + s0 * 2, mask=use, other=0.0), b_rows, stride_bgr, cols, col_ok)
+                         tl.load(scal_g_ptr + s0 * 2, mask=use, other=0.0), b_rows, stride_bgr, cols, col_ok,
+                         BLOCK_R > RANK_UNROLL)
         u = _expand_rows(u, h_rows + stride_hgs, tl.load(rank_g_ptr + s0 * 2 + 1, mask=use, other=0),
-                         tl.load(scal_g_ptr + s0 * 2 + 1, mask=use, other=0.0), b_rows, stride_bgr, n + cols, col_ok)
+                         tl.load(scal_g_ptr + s0 * 2 + 1, mask=use, other=0.0), b_rows, stride_bgr, n + cols, col_ok,
+                         BLOCK_R > RANK_UNROLL)
     g = g.to(dt).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g)) * u.to(dt).to(tl.float32)).to(dt)
     # shrink of down: this column tile's share, stored as its own part (no atomics, nothing to zero)
@@ -383,6 +408,7 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
             *fam.lora_b.stride()[:2], HQ=num_heads, HK=num_kv_heads, HALF=dim // 2,
             HALF_P2=max(16, triton.next_power_of_2(dim // 2)), BLOCK_M=max(16, triton.next_power_of_2(t)),
             BLOCK_R=max(16, _block_r(fam)), ONE=meta.num_segments == 1,
+            LOOP=_block_r(fam) > RANK_UNROLL,
             IEEE=not native_dot(qkv.dtype), num_warps=num_warps, num_stages=3)
 
 
@@ -428,15 +454,15 @@ class LoRATails:
     by rank, so what lies past a rank does not matter. ``F.linear(x, *weight(i, k))`` returns
     the projection and, in its extra columns, x @ A.T against the adapters at positions < k:
     a step reads the A rows of its own adapters only. The extra rows are padded to a
-    multiple of 64, where cuBLAS keeps a fast kernel (bench/NOTES-kernels.md).
+    multiple of ``pad``, where cuBLAS keeps a fast kernel (bench/NOTES-kernels.md: 64 for
+    q/k/v and o; gate/up, 28672 rows at Llama-3-8B, took 90.3 us with 64 extra rows, 89.0
+    with 128, 88.5 with none).
     """
 
-    PAD = 64
-
-    def __init__(self, n_slices: int, max_rank: int, positions: int = 1):
-        if positions < 1:
-            raise ValueError(f"positions must be >= 1, got {positions}")
-        self.n_slices, self.max_rank, self.positions = n_slices, max_rank, positions
+    def __init__(self, n_slices: int, max_rank: int, positions: int = 1, pad: int = 64):
+        if positions < 1 or pad < 1:
+            raise ValueError(f"positions and pad must be >= 1, got {positions}, {pad}")
+        self.n_slices, self.max_rank, self.positions, self.pad = n_slices, max_rank, positions, pad
         self.block = n_slices * max_rank            # rows a position takes
         self.extra = self.rows(positions)
         self.out = 0
@@ -445,7 +471,7 @@ class LoRATails:
 
     def rows(self, positions: int) -> int:
         """Extra rows a GEMM over the first ``positions`` positions reads (padded)."""
-        return -(-positions * self.block // self.PAD) * self.PAD
+        return -(-positions * self.block // self.pad) * self.pad
 
     def add(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.ext and w.shape != (self.out, self.ext[0].shape[1]):

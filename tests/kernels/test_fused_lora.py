@@ -163,11 +163,12 @@ def test_silu_mul_lora(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter,
     assert rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
 
 
-def test_tails_hold_the_base_weight_and_several_adapters(seed, rel_err):
+@pytest.mark.parametrize("pad", [64, 128])
+def test_tails_hold_the_base_weight_and_several_adapters(seed, rel_err, pad):
     n_out, n_in, t, r = 40, 24, 3, 8
     w = [torch.randn(n_out, n_in, device=DEV) for _ in range(2)]
     bias = [torch.randn(n_out, device=DEV), None]
-    tails = LoRATails(3, r, positions=4)
+    tails = LoRATails(3, r, positions=4, pad=pad)
     base = [tails.add(wi, b) for wi, b in zip(w, bias)]
     assert torch.equal(base[1], w[1]) and base[1].data_ptr() == tails.ext[1].data_ptr()
     a = torch.randn(4, 3, r, n_in, device=DEV)
@@ -176,7 +177,7 @@ def test_tails_hold_the_base_weight_and_several_adapters(seed, rel_err):
     x = torch.randn(t, n_in, device=DEV)
     for k in (1, 2, 4):                 # a GEMM over the first k positions reads only their rows
         wk, bk = tails.weight(1, k)
-        assert bk is None and wk.shape[0] == n_out + tails.rows(k) and tails.rows(k) % LoRATails.PAD == 0
+        assert bk is None and wk.shape[0] == n_out + tails.rows(k) and tails.rows(k) % pad == 0
         y, h = tails.split(F.linear(x, wk, bk))
         assert h.shape[:4] == (1, t, tails.rows(k) // (3 * r), 3) and h.shape[2] >= k
         assert rel_err(y, x @ w[1].T) <= 1e-6

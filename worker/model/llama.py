@@ -15,6 +15,11 @@ from worker.model.weights import ModelWeights
 from worker.step_inputs import StepInputs
 
 
+# rows under each base weight come in multiples of these (where cuBLAS keeps its fast kernel for the
+# shape; bench/NOTES-kernels.md)
+TAIL_PAD = {"qkv": 64, "o": 64, "gate_up": 128}
+
+
 class LlamaModel:
     """The forward pass; LoRA goes through ``lora.apply(x, y, layer, family, meta)`` (the segment-major
     SGMV kernels), or, for steps of at most ``fused_lora_tokens`` tokens, rides in the qkv, o and gate_up
@@ -36,7 +41,7 @@ class LlamaModel:
             # exactly the weights they read before (one layer at a time: the copy being made is the only
             # extra memory)
             self.tail_positions = min(lora.num_slots, self.fused_lora_tokens)
-            self.tails = {f: fused_lora.LoRATails(n, lora.max_rank, self.tail_positions)
+            self.tails = {f: fused_lora.LoRATails(n, lora.max_rank, self.tail_positions, TAIL_PAD[f])
                           for f, n in (("qkv", 3), ("o", 1), ("gate_up", 2))}
             for w in weights.layers:
                 w.qkv = self.tails["qkv"].add(w.qkv, w.qkv_bias)
