@@ -13,19 +13,9 @@ import torch
 import torch.nn.functional as F
 from kernels import fused, fused_lora as fl
 from bench.kernels import graphed, median_us
-from kernels.lora_meta import LoRAMeta
+from bench.fused_lora_setup import H, I, T, dev, dt, fam, gemm_h, steps
 
-dev, dt, T, R, H, I = "cuda", torch.bfloat16, 32, 16, 4096, 14336
-SLOTS = 33
 torch.manual_seed(0)
-
-
-def fam(n_in, widths):
-    n = len(widths)
-    return fl.LoRAWeights((torch.randn(SLOTS, n, R, n_in, device=dev) * 0.02).to(dt),
-                          (torch.randn(SLOTS, R, sum(widths), device=dev) * 0.02).to(dt),
-                          torch.full((SLOTS, n), R, dtype=torch.int32, device=dev),
-                          torch.ones(SLOTS, n, device=dev))
 
 
 def timeit(fn, reps=20):
@@ -33,16 +23,7 @@ def timeit(fn, reps=20):
     return median_us(graphed(lambda: [fn() for _ in range(reps)])) / reps
 
 
-def gemm_h(width, n_slices, k):
-    """A GEMM output [T, width + extra] for k positions and its h view."""
-    tails = fl.LoRATails(n_slices, R, k)
-    tails.out = width
-    return tails.split(torch.randn(T, width + tails.rows(k), device=dev).to(dt))[1]
-
-
-tail_pos = torch.arange(SLOTS, dtype=torch.int32, device=dev) - 1          # slot s at position s - 1
-metas = {"one": (LoRAMeta.allocate(64, SLOTS, dev).fill([1] * T), 1),
-         "32 distinct": (LoRAMeta.allocate(64, SLOTS, dev).fill(list(range(1, T + 1))), 32)}
+tail_pos, metas = steps()
 f_o, f_gu, f_d, f_qkv = fam(H, [H]), fam(H, [I, I]), fam(I, [H]), fam(H, [4096, 1024, 1024])
 x = torch.randn(T, H, device=dev).to(dt)
 res = torch.randn(T, H, device=dev).to(dt)

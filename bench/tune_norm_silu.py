@@ -12,21 +12,13 @@ import sys
 from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
+import torch.nn.functional as F
 from kernels import fused, fused_lora as fl
 from bench.kernels import graphed, median_us
-from kernels.lora_meta import LoRAMeta
+from bench.fused_lora_setup import H, I, T, dev, dt, fam, gemm_h, steps
 
-dev, dt, T, R, H, I = "cuda", torch.bfloat16, 32, 16, 4096, 14336
-SLOTS, LAYERS = 33, 16
+LAYERS = 16
 torch.manual_seed(0)
-
-
-def fam(n_in, widths):
-    n = len(widths)
-    return fl.LoRAWeights((torch.randn(SLOTS, n, R, n_in, device=dev) * 0.02).to(dt),
-                          (torch.randn(SLOTS, R, sum(widths), device=dev) * 0.02).to(dt),
-                          torch.full((SLOTS, n), R, dtype=torch.int32, device=dev),
-                          torch.ones(SLOTS, n, device=dev))
 
 
 def per_call(fn):
@@ -34,9 +26,7 @@ def per_call(fn):
     return median_us(graphed(lambda: [fn(i) for i in range(LAYERS)])) / LAYERS
 
 
-tail_pos = torch.arange(SLOTS, dtype=torch.int32, device=dev) - 1          # slot s at position s - 1
-metas = {"one": (LoRAMeta.allocate(64, SLOTS, dev).fill([1] * T), 1),
-         "32 distinct": (LoRAMeta.allocate(64, SLOTS, dev).fill(list(range(1, T + 1))), 32)}
+tail_pos, metas = steps()
 f_o = [fam(H, [H]) for _ in range(LAYERS)]
 f_d = [fam(I, [H]) for _ in range(LAYERS)]
 f_gu = [fam(H, [I, I]) for _ in range(LAYERS)]
@@ -52,13 +42,6 @@ f_qkv = [fam(H, [4096, 1024, 1024]) for _ in range(LAYERS)]
 qkv = [torch.randn(T, 6144, device=dev).to(dt) for _ in range(LAYERS)]
 print(f"rotary                        {per_call(lambda i: fused.rotary_(qkv[i][:, :4096].view(T, 32, 128), qkv[i][:, 4096:5120].view(T, 8, 128), cos, cos, pos)):6.2f} us")
 NORMS = [(8, 8), (8, 16), (4, 16), (16, 16)]                # (warps, rank chunk)
-
-
-def gemm_h(width, n_slices, k):
-    tails = fl.LoRATails(n_slices, R, k)
-    tails.out = width
-    return tails.split(torch.randn(T, width + tails.rows(k), device=dev).to(dt))[1]
-
 
 for label, (meta, k) in metas.items():
     print(f"\n== {label}", flush=True)
@@ -83,7 +66,6 @@ for label, (meta, k) in metas.items():
 print()
 # the base GEMMs with extra rows under them (A rows of the staged adapters, padded): which padding keeps
 # cuBLAS on the base shape's kernel (one weight bigger than L2, so every call streams it from DRAM)
-import torch.nn.functional as F  # noqa: E402
 for name, n, k_in, extras in (("gate_up", 2 * I, H, (0, 64, 128, 192, 256, 1024)), ("qkv", 6144, H, (0, 64, 128)),
                               ("o", H, H, (0, 64, 128))):
     xx = torch.randn(T, k_in, device=dev).to(dt)

@@ -1,0 +1,33 @@
+"""What the fused-LoRA tuning scripts (bench/tune_fused_lora.py, bench/tune_norm_silu.py) share: batch-32
+Llama-3-8B shapes at rank 16 in bf16 on the GPU, random stacked adapter slots, GEMM outputs with h in
+their extra columns, and the two steps they compare (one adapter; 32, one per token)."""
+import torch
+
+from kernels import fused_lora as fl
+from kernels.lora_meta import LoRAMeta
+
+dev, dt, T, R, H, I = "cuda", torch.bfloat16, 32, 16, 4096, 14336
+SLOTS = 33
+
+
+def fam(n_in, widths):
+    """SLOTS random adapters of rank R on one family (``widths``: its slices' output widths)."""
+    n = len(widths)
+    return fl.LoRAWeights((torch.randn(SLOTS, n, R, n_in, device=dev) * 0.02).to(dt),
+                          (torch.randn(SLOTS, R, sum(widths), device=dev) * 0.02).to(dt),
+                          torch.full((SLOTS, n), R, dtype=torch.int32, device=dev),
+                          torch.ones(SLOTS, n, device=dev))
+
+
+def gemm_h(width, n_slices, k):
+    """A GEMM output [T, width + extra] for k positions and its h view."""
+    tails = fl.LoRATails(n_slices, R, k)
+    tails.out = width
+    return tails.split(torch.randn(T, width + tails.rows(k), device=dev).to(dt))[1]
+
+
+def steps():
+    """(tail_pos with slot s at position s - 1, {label: (LoRA metadata, adapters)}) for one adapter and 32."""
+    tail_pos = torch.arange(SLOTS, dtype=torch.int32, device=dev) - 1
+    return tail_pos, {"one": (LoRAMeta.allocate(64, SLOTS, dev).fill([1] * T), 1),
+                      "32 distinct": (LoRAMeta.allocate(64, SLOTS, dev).fill(list(range(1, T + 1))), 32)}
