@@ -217,7 +217,7 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_
 def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, h_ptr, b_ptr,
                         ranks_ptr, scal_ptr, T, n_pos, stride_t, stride_c, stride_ht, stride_hpos, stride_hs, stride_bs,
                         stride_br, HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ONE: tl.constexpr, LOOP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ONE: tl.constexpr,
                         IEEE: tl.constexpr):
     hh = tl.program_id(0)                                   # q heads, then k heads, then v heads
     sl = (hh >= HQ).to(tl.int32) + (hh >= HQ + HK).to(tl.int32)
@@ -248,8 +248,8 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
         scaling = tl.load(scal_ptr + s0 * 3 + sl, mask=use, other=0.0)
         h_rows = h_ptr + rows * stride_ht + p * stride_hpos + sl * stride_hs
         b_rows = b_ptr + s0 * stride_bs
-        e1 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col, dm, LOOP)
-        e2 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col + HALF, dm, LOOP)
+        e1 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col, dm, BLOCK_R > RANK_UNROLL)
+        e2 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col + HALF, dm, BLOCK_R > RANK_UNROLL)
     x1 = (x1 + e1).to(dt).to(tl.float32)
     x2 = (x2 + e2).to(dt).to(tl.float32)
     if hh < HQ + HK:
@@ -408,7 +408,6 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
             *fam.lora_b.stride()[:2], HQ=num_heads, HK=num_kv_heads, HALF=dim // 2,
             HALF_P2=max(16, triton.next_power_of_2(dim // 2)), BLOCK_M=max(16, triton.next_power_of_2(t)),
             BLOCK_R=max(16, _block_r(fam)), ONE=meta.num_segments == 1,
-            LOOP=_block_r(fam) > RANK_UNROLL,
             IEEE=not native_dot(qkv.dtype), num_warps=num_warps, num_stages=3)
 
 
