@@ -18,8 +18,11 @@ if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import cProfile
 import json
+import pstats
 import tempfile
+import time
 from collections import defaultdict
 
 import torch
@@ -49,7 +52,6 @@ def replay_ms(graphs: DecodeGraphs, args_, reps: int = 30) -> float:
 def split_ms(graphs: DecodeGraphs, args_, reps: int = 30) -> tuple[float, float]:
     """(host ms of ``run`` before its replay, GPU ms of the replay alone): medians. The host part is the
     inputs' fill and the LoRA staging; in ``replay_ms`` the GPU waits for it."""
-    import time
     host, gpu = [], []
     ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(reps):
@@ -68,8 +70,6 @@ def split_ms(graphs: DecodeGraphs, args_, reps: int = 30) -> tuple[float, float]
 
 def host_profile(graphs: DecodeGraphs, args_, reps: int = 100, top: int = 8) -> list[str]:
     """The functions ``prepare`` spends its own time in (cProfile, us a step), most first."""
-    import cProfile
-    import pstats
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(reps):
