@@ -64,6 +64,7 @@ class LoRAMeta:
     num_tokens: int = 0         # tokens in this step (host side)
     slots: list[int] = field(default_factory=list)    # slot of each active segment (host side)
     staged: StagedBuffer | None = field(default=None, repr=False)
+    _filled: list[int] | None = field(default=None, repr=False)   # token_slots of the last fill
 
     @classmethod
     def allocate(cls, max_tokens: int, max_slots: int, device: torch.device | str) -> "LoRAMeta":
@@ -89,8 +90,12 @@ class LoRAMeta:
         """Group ``token_slots`` (one slot per token, -1 = none) into segments.
 
         Grouping happens on the host, where the slots are known anyway; one
-        non-blocking copy moves the result to the device.
+        non-blocking copy moves the result to the device. A step with the same
+        slots as the last fill (steady decoding: the same requests in the same
+        rows) finds its grouping on the device already and moves nothing.
         """
+        if token_slots == self._filled:
+            return self
         n = len(token_slots)
         max_tokens, max_slots = self.token_slot.numel(), self.seg_slot.numel()
         if n > max_tokens:
@@ -113,9 +118,11 @@ class LoRAMeta:
         if self.num_segments == 0:
             # A captured graph that still holds LoRA launches must see an empty step.
             self.seg_indptr[-1:].zero_()
+            self._filled = list(token_slots)
             return self
         pad = max_slots - len(slots)
         # token_slot's unused tail goes along as it stands in the host twin (no kernel reads past the step)
         self.staged.put(indptr + [indptr[-1]] * pad + slots + [-1] * pad + token_slots,
                         tail={2 * max_slots + 1 + max_tokens: order})
+        self._filled = list(token_slots)
         return self

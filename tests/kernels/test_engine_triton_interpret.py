@@ -51,3 +51,22 @@ def test_fused_path_restages_the_step_adapters(tiny):
             tokens, lps = ref.greedy(prompt, name, 2)
             assert out.token_ids == tokens, names
             assert max(abs(x.logprob - y) for x, y in zip(out.logprobs, lps)) < 1e-4, names
+
+
+def test_fused_path_restages_a_reloaded_slot(tiny):
+    """With one LoRA slot, each adapter evicts the last one into the same slot: the step's slots, bucket and
+    positions repeat, so only the slot's new contents (its generation) tell the staging to copy again."""
+    model_dir, adapters = tiny
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = Engine(model_dir, device=device, lora_backend="triton", attention_backend="triton", cuda_graphs=False,
+                    max_num_batched_tokens=16, fused_lora_tokens=64, num_blocks=64, max_loras=1)
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+    ref = HFReference(model_dir, adapters)
+    params = SamplingParams(max_tokens=2, temperature=0.0, logprobs=1, ignore_eos=True)
+    prompt = [5, 9, 33, 70, 12]
+    for name in ("ad0", "ad3", "ad0"):
+        out, = engine.generate([prompt], [name], params)
+        tokens, lps = ref.greedy(prompt, name, 2)
+        assert out.token_ids == tokens, name
+        assert max(abs(x.logprob - y) for x, y in zip(out.logprobs, lps)) < 1e-4, name

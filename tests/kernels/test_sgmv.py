@@ -135,3 +135,25 @@ def test_llama_shapes_bf16(family, num_tokens, distinct, seed, rel_err):
     case = make_case(num_tokens, in_f, widths, ranks, max_rank=128, dtype=torch.bfloat16,
                      p_none=0.1, meta_slots=128)
     check(case, torch.bfloat16, rel_err)
+
+
+def test_meta_refill_skips_only_a_repeat(seed):
+    """A fill with the last fill's slots moves nothing (steady decoding); any other fill, an empty step
+    included, rewrites the device grouping, and a later repeat of an earlier step gets it back."""
+    steps = [[0, 2, -1, 0], [1, 1, 1, 1], [0, 2, -1, 0], [-1, -1, -1, -1], [0, 2, -1, 0], [2, 0, 0], [2, 0, 0]]
+    meta = LoRAMeta.allocate(8, 4, DEV)
+    for slots in steps:
+        meta.fill(slots)
+        fresh = LoRAMeta.allocate(8, 4, DEV).fill(slots)
+        n, m = len(slots), sum(x >= 0 for x in slots)     # sorted_idx lists the m LoRA tokens
+        assert meta.slots == fresh.slots and meta.num_tokens == n, slots
+        if fresh.no_lora:
+            assert int(meta.seg_indptr[-1]) == 0, slots
+            continue
+        for got, want in ((meta.seg_indptr, fresh.seg_indptr), (meta.seg_slot, fresh.seg_slot),
+                          (meta.token_slot[:n], fresh.token_slot[:n]), (meta.sorted_idx[:m], fresh.sorted_idx[:m])):
+            assert torch.equal(got, want), slots
+    before = meta.token_slot.clone()
+    meta.token_slot[0] = 99                  # not something a step does: shows that the repeat moved nothing
+    meta.fill([2, 0, 0])
+    assert int(meta.token_slot[0]) == 99 and torch.equal(meta.token_slot[1:], before[1:])
