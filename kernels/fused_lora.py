@@ -54,7 +54,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tuned on the H100)
 SILU_ONE = (64, 2)      # SiLU-mul (columns a program, warps) with one adapter (tuned on the H100)
 SILU_MULTI = (64, 4)    # and with several
-SHRINK_PARTS = 4        # column chunks of gate/up's one-adapter shrink (shrink_one)
 RANK_UNROLL = tl.constexpr(16)  # ranks a per-row loop unrolls at once (unrolled to max_rank, the rank-64 GPU tests stalled)
 
 
@@ -103,20 +102,6 @@ def _load_h(h_ptr, stride_ht, rows, use, rank, BLOCK_M: tl.constexpr, BLOCK_R: t
     r = tl.arange(0, BLOCK_R)
     return tl.load(h_ptr + rows[:, None] * stride_ht + r[None, :], mask=use[:, None] & (r < rank)[None, :],
                    other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_h_parts(h_ptr, stride_hp, n_parts, stride_ht, rows, use, rank, BLOCK_M: tl.constexpr,
-                  BLOCK_R: tl.constexpr, P_P2: tl.constexpr):
-    """``_load_h`` summed over ``n_parts`` parts (one [P_P2, BLOCK_M, BLOCK_R] load)."""
-    if P_P2 == 1:
-        return _load_h(h_ptr, stride_ht, rows, use, rank, BLOCK_M, BLOCK_R)
-    p = tl.arange(0, P_P2)
-    r = tl.arange(0, BLOCK_R)
-    m = (p < n_parts)[:, None, None] & use[None, :, None] & (r < rank)[None, None, :]
-    h = tl.load(h_ptr + p[:, None, None] * stride_hp + rows[None, :, None] * stride_ht + r[None, None, :], mask=m,
-                other=0.0)
-    return tl.sum(h.to(tl.float32), axis=0)
 
 
 @triton.jit
@@ -278,10 +263,10 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
 
 @triton.jit
 def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, hg_ptr, bg_ptr, rank_g_ptr,
-                          scal_g_ptr, a_ptr, rank_d_ptr, hd_ptr, T, n, n_pos, n_hg_parts, stride_g, stride_o, stride_hgp,
-                          stride_hgt, stride_hgpos, stride_hgs, stride_bgs, stride_bgr, stride_as, stride_ar, stride_hdp,
-                          stride_hdt, BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, ONE: tl.constexpr,
-                          HG_P2: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
+                          scal_g_ptr, a_ptr, rank_d_ptr, hd_ptr, T, n, n_pos, stride_g, stride_o, stride_hgt, stride_hgpos,
+                          stride_hgs, stride_bgs, stride_bgr, stride_as, stride_ar, stride_hdp, stride_hdt,
+                          BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, ONE: tl.constexpr,
+                          NATIVE: tl.constexpr, IEEE: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < T
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -297,12 +282,11 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr,
         p, use = _position(tail_pos_ptr, s0, use, n_pos, False)
         hg = hg_ptr + p * stride_hgpos
         rank = tl.load(rank_g_ptr + s0 * 2)
-        h = _load_h_parts(hg, stride_hgp, n_hg_parts, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R, HG_P2)
+        h = _load_h(hg, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
         g = _expand_tile(g, h, slot, rank, tl.load(scal_g_ptr + s0 * 2), bg_ptr, stride_bgs, stride_bgr, cols,
                          col_ok, BLOCK_R, IEEE)
         rank = tl.load(rank_g_ptr + s0 * 2 + 1)
-        h = _load_h_parts(hg + stride_hgs, stride_hgp, n_hg_parts, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R,
-                          HG_P2)
+        h = _load_h(hg + stride_hgs, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
         u = _expand_tile(u, h, slot, rank, tl.load(scal_g_ptr + s0 * 2 + 1), bg_ptr, stride_bgs, stride_bgr,
                          n + cols, col_ok, BLOCK_R, IEEE)
     else:
@@ -329,32 +313,6 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr,
     tl.store(hd_ptr + tl.program_id(0) * stride_hdp + rows[:, None] * stride_hdt + r[None, :], part,
              mask=row_ok[:, None])
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], act, mask=m)     # after the weight loads
-
-
-@triton.jit
-def _shrink_one_kernel(x_ptr, slot_ptr, seg_slot_ptr, a_ptr, rank_ptr, h_ptr, T, K, n_slices, stride_x, stride_as,
-                       stride_ai, stride_ar, stride_hp, stride_ht, stride_hi, BLOCK_M: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr, NATIVE: tl.constexpr,
-                       IEEE: tl.constexpr):
-    """Part ``program_id(1)`` (columns BK wide) of slice ``program_id(0)``'s h = x @ A[slot].T, for every row."""
-    i = tl.program_id(0)
-    part = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    r = tl.arange(0, BLOCK_R)
-    slot, use = _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok)
-    s0 = tl.maximum(slot, 0).to(tl.int64)
-    rank = tl.load(rank_ptr + s0 * n_slices + i)
-    a_rows = a_ptr + s0 * stride_as + i * stride_ai + r[:, None] * stride_ar
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in tl.static_range(0, BK, KT):
-        cols = part * BK + k0 + tl.arange(0, KT)
-        col_ok = cols < K
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=use[:, None] & col_ok[None, :], other=0.0)
-        a = tl.load(a_rows + cols[None, :], mask=(r < rank)[:, None] & col_ok[None, :], other=0.0)
-        acc += mma(x, tl.trans(a), NATIVE, IEEE)
-    tl.store(h_ptr + part * stride_hp + rows[:, None] * stride_ht + i * stride_hi + r[None, :], acc,
-             mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------- host side
@@ -456,19 +414,18 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
 def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam, down_fam,
                   tail_pos: torch.Tensor, block_n: int | None = None,
                   num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act, h_down): gate_up += scaling * sum_p h_gate_up[p, t, pos(t), i] @ B (rounded), act = silu(g) * u,
+    """(act, h_down): gate_up += scaling * h_gate_up[0, t, pos(t), i] @ B (rounded), act = silu(g) * u,
     and h_down = act @ A_down.T as float32 parts [column tiles, T, 1 (stride 0), 1, R] (sum them over the
-    first dim): the h that ``norm_lora`` takes. h_gate_up has one part (the gate_up GEMM's extra columns)
-    or, in a one-adapter step, ``shrink_one``'s parts."""
+    first dim): the h that ``norm_lora`` takes."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1 or gate_up.dtype not in _DTYPES:
         raise ValueError(f"gate_up must be [T, 2I] with unit column stride, got {tuple(gate_up.shape)}")
     t, n2 = gate_up.shape
     n = n2 // 2
     _check_meta(meta, t)
     _check_family("gate_up", gate_up_fam, None, n2, 2)
-    one = meta.num_segments == 1
-    _check_h("gate_up", h_gate_up, None if one else 1, t, gate_up_fam, tail_pos)
+    _check_h("gate_up", h_gate_up, 1, t, gate_up_fam, tail_pos)
     _check_family("down", down_fam, n, None, 1)
+    one = meta.num_segments == 1
     block_n = block_n or (SILU_ONE if one else SILU_MULTI)[0]
     num_warps = num_warps or (SILU_ONE if one else SILU_MULTI)[1]
     tiles = triton.cdiv(n, block_n)
@@ -478,45 +435,12 @@ def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor
     if t:
         _silu_mul_lora_kernel[(tiles,)](
             gate_up, out, meta.token_slot, meta.seg_slot, tail_pos, h_gate_up, gate_up_fam.lora_b, gate_up_fam.ranks,
-            gate_up_fam.scalings, down_fam.lora_a, down_fam.ranks, h_down, t, n, h_gate_up.shape[2], h_gate_up.shape[0],
-            gate_up.stride(0), out.stride(0), *h_gate_up.stride()[:4], *gate_up_fam.lora_b.stride()[:2],
-            down_fam.lora_a.stride(0), down_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1),
-            BLOCK_M=max(16, triton.next_power_of_2(t)), BN=block_n, BLOCK_R=block_r, ONE=one,
-            HG_P2=triton.next_power_of_2(h_gate_up.shape[0]), NATIVE=native_dot(gate_up.dtype),
+            gate_up_fam.scalings, down_fam.lora_a, down_fam.ranks, h_down, t, n, h_gate_up.shape[2], gate_up.stride(0), out.stride(0),
+            *h_gate_up.stride()[1:4], *gate_up_fam.lora_b.stride()[:2], down_fam.lora_a.stride(0),
+            down_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1),
+            BLOCK_M=max(16, triton.next_power_of_2(t)), BN=block_n, BLOCK_R=block_r, ONE=one, NATIVE=native_dot(gate_up.dtype),
             IEEE=not native_dot(gate_up.dtype), num_warps=num_warps)
     return out, h_down.as_strided((tiles, t, 1, 1, block_r), (h_down.stride(0), h_down.stride(1), 0, block_r, 1))
-
-
-def shrink_one(x: torch.Tensor, fam, meta: LoRAMeta, positions: int = 1, parts: int = SHRINK_PARTS) -> torch.Tensor:
-    """h = x @ A[slot].T for a step with one adapter, as ``parts`` float32 partials over column chunks of x:
-    [parts, T, positions (stride 0), n_slices, R], the h ``silu_mul_lora`` takes (it sums the parts).
-
-    gate/up's shrink in a one-adapter step: the gate_up GEMM then keeps the base shape, where cuBLAS picks a
-    faster kernel than for any shape with extra rows (85.0 against 92.0 us a call; bench/NOTES-kernels.md v7).
-    Rows whose token has no adapter get 0. ``positions`` only sets the view's size (the partials are per token
-    already), so that it covers the tail position the consumer looks up.
-    """
-    if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in _DTYPES:
-        raise ValueError(f"x must be 2-D with unit column stride, got {x.dtype} {tuple(x.shape)}")
-    t, k = x.shape
-    _check_meta(meta, t)
-    n_slices = fam.lora_a.shape[1]
-    _check_family("shrink", fam, k, None, n_slices)
-    if meta.num_segments != 1:
-        raise ValueError(f"shrink_one takes a step with one adapter, this one has {meta.num_segments}")
-    if parts < 1 or positions < 1:
-        raise ValueError(f"parts and positions must be >= 1, got {parts}, {positions}")
-    block_r = max(16, _block_r(fam))
-    kt = min(128, max(16, triton.next_power_of_2(triton.cdiv(k, parts))))
-    bk = triton.cdiv(triton.cdiv(k, parts), kt) * kt
-    parts = triton.cdiv(k, bk)
-    h = torch.empty((parts, t, n_slices, block_r), dtype=torch.float32, device=x.device)
-    if t:
-        _shrink_one_kernel[(n_slices, parts)](
-            x, meta.token_slot, meta.seg_slot, fam.lora_a, fam.ranks, h, t, k, n_slices, x.stride(0),
-            *fam.lora_a.stride()[:3], *h.stride()[:3], BLOCK_M=max(16, triton.next_power_of_2(t)), BLOCK_R=block_r,
-            BK=bk, KT=kt, NATIVE=native_dot(x.dtype), IEEE=not native_dot(x.dtype), num_warps=4)
-    return h.as_strided((parts, t, positions, n_slices, block_r), (h.stride(0), h.stride(1), 0, block_r, 1))
 
 
 class LoRATails:

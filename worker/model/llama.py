@@ -18,10 +18,6 @@ from worker.step_inputs import StepInputs
 # rows under each base weight come in multiples of these (where cuBLAS keeps its fast kernel for the
 # shape; bench/NOTES-kernels.md)
 TAIL_PAD = {"qkv": 64, "o": 64, "gate_up": 128}
-# a one-adapter step shrinks gate/up in a kernel of its own (``fused_lora.shrink_one``) and runs the gate_up GEMM
-# at the base shape: with any extra rows under it cuBLAS picks a slower kernel (92.0 against 85.0 us a call at
-# Llama-3-8B, batch 32), more than the extra launch costs (bench/NOTES-kernels.md v7)
-GATE_UP_SHRINK_ONE = True
 
 
 class LlamaModel:
@@ -154,8 +150,7 @@ class LlamaModel:
 
         q/k/v's, o's and gate/up's shrinks come out of the extra columns of their GEMMs
         (``stage_lora`` put the A rows of the step's adapters there), down's from SiLU-mul, and every expand happens in
-        the kernel that reads the projection's output next. With one adapter, gate/up's shrink is a launch of its own
-        (``GATE_UP_SHRINK_ONE``).
+        the kernel that reads the projection's output next.
         """
         cfg, fl, pos = self.cfg, self.fused, self.tail_pos.device
         layers, fams, eps, meta = self.w.layers, self.lora.layers, cfg.rms_norm_eps, s.lora
@@ -170,10 +165,7 @@ class LlamaModel:
             q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             o, h_o = o_t.split(F.linear(self._attend(q, kk, v, kv_caches[i], s), o_t.weight(i, k)[0]))
             h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"], pos)
-            if GATE_UP_SHRINK_ONE and meta.num_segments == 1:
-                gu, h_gu = F.linear(h, layer.gate_up), fl.shrink_one(h, fam["gate_up"], meta, positions=k)
-            else:
-                gu, h_gu = gu_t.split(F.linear(h, gu_t.weight(i, k)[0]))
+            gu, h_gu = gu_t.split(F.linear(h, gu_t.weight(i, k)[0]))
             act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], fam["down"], pos)
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
             h, residual = fl.norm_lora(F.linear(act, layer.down), residual, next_norm, eps, meta, h_down,
