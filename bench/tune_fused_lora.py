@@ -1,6 +1,7 @@
 """Tuning the fused LoRA kernels (kernels/fused_lora.py) on the GPU: each variant against the plain kernel
-it replaces, with one adapter (the straight-line kernels) and with 32 (one per token: the per-row ones),
-and the base GEMMs with the A rows of 1 and 32 adapters under them. Batch 32, Llama-3-8B shapes, rank 16,
+it replaces, with one adapter (the straight-line kernels) and with 32 (one per token: the per-row ones).
+The base GEMMs with the A rows of 1 and 32 adapters under them, which the results files also hold, are
+probed by bench/tune_tail_gemm.py. Batch 32, Llama-3-8B shapes, rank 16,
 bf16; each timing is one launch inside a graph of 20 (L2 flushed before each replay by do_bench; the
 first 2026-11-24 results were taken without that flush).
 
@@ -10,7 +11,6 @@ import sys
 from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
-import torch.nn.functional as F
 from kernels import fused, fused_lora as fl
 from bench.kernels import graphed, median_us
 from bench.fused_lora_setup import H, I, T, dev, dt, fam, gemm_h, steps
@@ -52,13 +52,3 @@ for label, (meta, k) in metas.items():
     for nw in (2, 4, 8):
         us = timeit(lambda: fl.rotary_lora_(qkv, h_qkv, f_qkv, cos, cos, pos, meta, 32, 8, tail_pos, num_warps=nw))
         print(f"rotary_lora warps {nw}: {us:6.2f} us", flush=True)
-print()
-for name, n, k, extras in (("gate_up", 2 * I, H, (0, 64, 1024)), ("down", H, I, (0, 64, 512)),
-                           ("qkv", 6144, H, (0, 64, 1536)), ("o", H, H, (0, 64, 512))):
-    xx = torch.randn(T, k, device=dev).to(dt)
-    out = []
-    for e in extras:
-        W = torch.randn(n + e, k, device=dev).to(dt)
-        out.append(f"+{e}: {timeit(lambda: F.linear(xx, W)):6.2f}")
-        del W
-    print(f"GEMM {name:8s} " + "  ".join(out), flush=True)

@@ -6,13 +6,13 @@ each replay.
 
     python bench/tune_norm_silu.py      (results: bench/results/2026-11-24-h100-norm-silu-variants*.txt;
                                          the variants these files name but this script no longer runs
-                                         were removed after losing there: bench/NOTES-kernels.md v6)
+                                         were removed after losing there: bench/NOTES-kernels.md v6; the
+                                         GEMM padding probe those files end with is bench/tune_tail_gemm.py)
 """
 import sys
 from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
-import torch.nn.functional as F
 from kernels import fused, fused_lora as fl
 from bench.kernels import graphed, median_us
 from bench.fused_lora_setup import H, I, T, dev, dt, fam, gemm_h, steps
@@ -63,15 +63,3 @@ for label, (meta, k) in metas.items():
         us = per_call(lambda i: fl.rotary_lora_(qkv[i], h_qkv, f_qkv[i], cos, cos, pos, meta, 32, 8, tail_pos,
                                                 num_warps=nw))
         print(f"rotary_lora warps {nw}: {us:6.2f} us", flush=True)
-print()
-# the base GEMMs with extra rows under them (A rows of the staged adapters, padded): which padding keeps
-# cuBLAS on the base shape's kernel (one weight bigger than L2, so every call streams it from DRAM)
-for name, n, k_in, extras in (("gate_up", 2 * I, H, (0, 64, 128, 192, 256, 1024)), ("qkv", 6144, H, (0, 64, 128)),
-                              ("o", H, H, (0, 64, 128))):
-    xx = torch.randn(T, k_in, device=dev).to(dt)
-    out = []
-    for e in extras:
-        W = torch.randn(n + e, k_in, device=dev).to(dt)
-        out.append(f"+{e}: {median_us(graphed(lambda: [F.linear(xx, W) for _ in range(LAYERS)])) / LAYERS:6.2f}")
-        del W
-    print(f"GEMM {name:8s} " + "  ".join(out), flush=True)

@@ -47,12 +47,14 @@ def variants(x, ws, n):
 
 
 def main():
-    # extra rows: one rank-16 adapter at the step's pads (qkv 3 slices, o 1, gate_up 2), and 32 adapters
-    shapes = (("gate_up", 2 * I, (0, 128, 1024)), ("qkv", 6144, (0, 64, 1536)), ("o", H, (0, 64, 512)))
-    x = torch.randn(T, H, device=dev).to(dt)
-    for name, n, extras in shapes:
+    # (name, rows, input width, extra rows): one rank-16 adapter at the pads tried (qkv 3 slices, o 1, gate_up 2),
+    # and 32 adapters; down, whose shrink runs in SiLU-mul instead, for comparison
+    shapes = (("gate_up", 2 * I, H, (0, 64, 128, 192, 256, 1024)), ("qkv", 6144, H, (0, 64, 128, 1536)),
+              ("o", H, H, (0, 64, 128, 512)), ("down", H, I, (0, 64, 512)))
+    for name, n, k_in, extras in shapes:
+        x = torch.randn(T, k_in, device=dev).to(dt)
         for e in extras:
-            ws = [torch.randn(n + e, H, device=dev).to(dt) for _ in range(LAYERS)]
+            ws = [torch.randn(n + e, k_in, device=dev).to(dt) for _ in range(LAYERS)]
             ref = F.linear(x, ws[0])
             for label, fn in variants(x, ws, n).items():
                 if e == 0 and label == "split":
@@ -63,7 +65,7 @@ def main():
                 assert err < 1e-2, (name, e, label, err)
                 replay = graphed(fn)
                 t1, t2 = (median_us(replay) / LAYERS for _ in range(2))
-                gbs = (n + e) * H * 2 / (min(t1, t2) * 1e-6) / 1e9
+                gbs = (n + e) * k_in * 2 / (min(t1, t2) * 1e-6) / 1e9
                 print(f"{name:8s} +{e:5d} {label:6s} {t1:7.2f} {t2:7.2f} us  {gbs:6.0f} GB/s  {kernels_of(replay)}",
                       flush=True)
             del ws
