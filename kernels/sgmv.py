@@ -23,7 +23,7 @@ from kernels.lora_meta import LoRAMeta
 from kernels.mma import mma, native_dot
 from kernels.sgmv_tiles import MAX_SLICES, _column_tile, column_tiles
 from kernels.sgmv_decode import MAX_TOKENS as MAX_DECODE_TOKENS
-from kernels.sgmv_decode import lora_apply_decode
+from kernels.sgmv_decode import lora_apply_decode, lora_apply_single, single_fits
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -211,29 +211,39 @@ def _check_expand_out(lora_b: torch.Tensor, ranks: torch.Tensor, scalings: torch
     return offs
 
 
-def uses_decode_kernels(num_tokens: int, num_segments: int) -> bool:
-    return num_tokens <= MAX_DECODE_TOKENS and num_segments > 1
+def apply_path(num_tokens: int, num_segments: int, max_rank: int) -> str:
+    """Which kernels ``lora_apply`` launches for a step: "segments" (several adapters, segment-major),
+    "single" (one adapter, when its tile fits) or "blocks" (the block-walking kernels here: larger steps)."""
+    if num_tokens > MAX_DECODE_TOKENS:
+        return "blocks"
+    if num_segments > 1:
+        return "segments"
+    return "single" if single_fits(num_tokens, max_rank) else "blocks"
 
 
 def lora_apply(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: torch.Tensor,
                scalings: torch.Tensor, out_offsets: tuple[int, ...], meta: LoRAMeta) -> torch.Tensor:
     """y[t, o_i:o_{i+1}] += scalings[s, i] * (x[t] @ lora_a[s, i, :r].T) @ lora_b[s, :r, o_i:o_{i+1}], in place.
 
-    Shrink then expand. Steps of at most ``sgmv_decode.MAX_TOKENS`` tokens with
-    several adapters take the segment-major decode kernels (no zeroed buffer, no
-    atomics); a single adapter or a larger step the block-walking kernels here,
-    which are faster there (bench/NOTES-kernels.md). The choice depends on the
-    host-side ``meta.num_segments``: a captured graph holds one path, so the
-    engine captures one graph per choice (worker/cuda_graphs.py).
+    Shrink then expand. Steps of at most ``sgmv_decode.MAX_TOKENS`` tokens take
+    the decode kernels of ``sgmv_decode``: the segment-major ones with several
+    adapters, the one-adapter ones with one where their tile fits (neither zeroes
+    a buffer nor uses atomics); larger steps the block-walking kernels here
+    (bench/NOTES-kernels.md).
+    The choice depends on the host-side ``meta.num_segments``: a captured graph
+    holds one path, so the engine captures one graph per choice (worker/cuda_graphs.py).
     """
     t = x.shape[0]
-    if not uses_decode_kernels(t, meta.num_segments):
+    num_slots, n_slices, max_rank, _ = _check_shrink_args(x, lora_a, ranks, meta)
+    path = apply_path(t, meta.num_segments, max_rank)
+    if path == "blocks":
         h = lora_shrink(x, lora_a, ranks, meta)
         return lora_expand(h, lora_b, ranks, scalings, out_offsets, meta, y)
-    num_slots, n_slices, max_rank, _ = _check_shrink_args(x, lora_a, ranks, meta)
     offs = _check_expand_out(lora_b, ranks, scalings, out_offsets, meta, y, t)
     if lora_b.shape[:2] != (num_slots, max_rank) or len(offs) - 1 != n_slices:
         raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} / {len(offs) - 1} slices disagree")
+    if path == "single":
+        return lora_apply_single(x, y, lora_a, lora_b, ranks, scalings, offs, meta)
     return lora_apply_decode(x, y, lora_a, lora_b, ranks, scalings, offs, meta)
 
 

@@ -15,6 +15,8 @@ slot capacity), so a decode step with these kernels can be captured in a graph.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -135,4 +137,162 @@ def lora_apply_decode(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lo
         hp.stride(0), hp.stride(1), hp.stride(2), lora_b.stride(0), lora_b.stride(1), y.stride(0),
         n_slices, max_rank, o[0], o[1], o[2], o[3], tile_starts[0], tile_starts[1], tile_starts[2],
         SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=ieee, num_warps=4)
+    return y
+
+
+# ---- one adapter ---------------------------------------------------------------------------------------------
+# A step whose LoRA tokens all share one adapter (one segment) needs no segment walk at all. These two kernels
+# take the segment from fixed places (seg_slot[0], the LoRA token count in seg_indptr's last entry) and load
+# them side by side with the token order, so each kernel waits on one round trip before its weight loads where
+# the block-walking kernels wait on four or five (indptr -> segment bounds -> slot -> rank -> weights), and
+# shrink stores K-split partials indexed by sorted position, so no zeroed buffer (no memset launch) and expand
+# reads them without waiting on the token order. Partials are summed in expand; with at most MAX_TOKENS rows
+# that is a few KiB of L2 reads per program.
+
+SINGLE_TILE = 2048       # tokens x max rank (both padded) of a one-adapter step these kernels take
+
+
+def single_tile(num_tokens: int, max_rank: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_R) of the one-adapter kernels: all the step's tokens and the stack's whole rank."""
+    return max(16, triton.next_power_of_2(num_tokens)), max(16, triton.next_power_of_2(max_rank))
+
+
+def single_fits(num_tokens: int, max_rank: int) -> bool:
+    """Whether the one-adapter kernels take this step: past SINGLE_TILE their partial tiles spill registers
+    and the block-walking kernels win (64 tokens at max rank 64: 18.5 against 21.5 us for down on the H100)."""
+    block_m, block_r = single_tile(num_tokens, max_rank)
+    return num_tokens <= MAX_TOKENS and block_m * block_r <= SINGLE_TILE
+
+
+def single_split(k: int, block_m: int, block_r: int, block_k: int) -> int:
+    """K splits of the one-adapter shrink.
+
+    A shrink program streams k / split input features of block_m x rows and block_r
+    A rows (bf16, from DRAM); an expand program sums split partial tiles of
+    block_m x block_r (fp32, from L2), which costs about half as much a byte on the
+    H100. Balancing the two gives split^2 = k (block_m + block_r) / (block_m block_r):
+    32 splits of 128 features for in=4096 at 16 x 16 tiles, 16 at 32 x 16, 28 of 512
+    for down. The partial tiles an expand program holds are capped at 32K elements
+    (past that they spill: 28 splits at 32 x 64 took 44 against 16 us).
+    Measured: bench/results/2026-11-24-h100-sgmv-single.txt, bench/NOTES-kernels.md (v8).
+    """
+    split = math.sqrt(k * (block_m + block_r) / (block_m * block_r))
+    split = max(1, min(split, 32768 // (block_m * block_r)))
+    k_per_prog = block_k * max(1, int(k / split / block_k + 0.5))
+    while triton.cdiv(k, k_per_prog) * block_m * block_r > 32768:      # rounding down may pass the cap
+        k_per_prog += block_k
+    return triton.cdiv(k, k_per_prog)
+
+
+@triton.jit
+def _shrink_single_kernel(x_ptr, a_ptr, hp_ptr, sorted_ptr, indptr_ptr, seg_slot_ptr,
+                          T, K, NUM_SEG, stride_xt, stride_as, stride_ai, stride_ar, stride_hp, stride_hi,
+                          stride_ht, max_rank, K_PER_PROG: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                          NATIVE: tl.constexpr, IEEE: tl.constexpr):
+    split = tl.program_id(0)
+    sl = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)                        # sorted positions: the segment is [0, end)
+    tok = tl.load(sorted_ptr + rows, mask=rows < T, other=0).to(tl.int64)
+    end = tl.load(indptr_ptr + NUM_SEG)                 # LoRA tokens this step; 0 for a step without LoRA
+    slot = tl.load(seg_slot_ptr).to(tl.int64)
+    if (end > 0) & (slot >= 0):
+        row_ok = rows < end
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_k = tl.arange(0, BLOCK_K)
+        # rows of A past the adapter's rank are read too (max_rank of them at most) and land in h's
+        # columns past the rank, which expand never uses: masking them here would wait on the rank load
+        a_base = a_ptr + slot * stride_as + sl * stride_ai + offs_r[:, None] * stride_ar
+        r_in = offs_r < max_rank
+        k_lo = split * K_PER_PROG
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_lo, k_lo + K_PER_PROG, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < K
+            xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            at = tl.load(a_base + kk[None, :], mask=r_in[:, None] & k_ok[None, :], other=0.0)
+            acc += mma(xt, tl.trans(at), NATIVE, IEEE)
+        tl.store(hp_ptr + split * stride_hp + sl * stride_hi + rows[:, None] * stride_ht + offs_r[None, :], acc,
+                 mask=(rows < T)[:, None] & r_in[None, :])
+
+
+@triton.jit
+def _expand_single_kernel(hp_ptr, b_ptr, y_ptr, ranks_ptr, scal_ptr, sorted_ptr, indptr_ptr, seg_slot_ptr,
+                          T, NUM_SEG, stride_hp, stride_hi, stride_ht, stride_bs, stride_br, stride_yt,
+                          n_slices, max_rank, O1, O2, O3, O4, T1, T2, T3, SPLIT_K: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    sl, cols, col_ok = _column_tile(tl.program_id(0), O1, O2, O3, O4, T1, T2, T3, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    tok = tl.load(sorted_ptr + rows, mask=rows < T, other=0).to(tl.int64)
+    end = tl.load(indptr_ptr + NUM_SEG)
+    slot = tl.load(seg_slot_ptr).to(tl.int64)
+    if (end > 0) & (slot >= 0):
+        row_ok = rows < end
+        offs_r = tl.arange(0, BLOCK_R)
+        y_ptrs = y_ptr + tok[:, None] * stride_yt + cols[None, :]
+        y_mask = row_ok[:, None] & col_ok[None, :]
+        y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)        # issued before the rank is known
+        h_ptrs = hp_ptr + sl * stride_hi + rows[:, None] * stride_ht + offs_r[None, :]
+        h_mask = row_ok[:, None] & (offs_r < max_rank)[None, :]
+        h = tl.load(h_ptrs, mask=h_mask, other=0.0)
+        for p in tl.static_range(1, SPLIT_K):
+            h += tl.load(h_ptrs + p * stride_hp, mask=h_mask, other=0.0)
+        rank = tl.minimum(tl.load(ranks_ptr + slot * n_slices + sl), max_rank)
+        if rank > 0:
+            r_ok = offs_r < rank
+            scale = tl.load(scal_ptr + slot * n_slices + sl)
+            bt = tl.load(b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + cols[None, :],
+                         mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            h = tl.where(r_ok[None, :], h, 0.0)              # columns past the rank came from A's unused rows
+            acc = mma(h, bt, False, IEEE)
+            tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def lora_apply_single(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      ranks: torch.Tensor, scalings: torch.Tensor, out_offsets: tuple[int, ...], meta: LoRAMeta,
+                      *, split_k: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """y += LoRA(x) for a step of at most MAX_TOKENS tokens whose LoRA tokens share one adapter; in place.
+
+    The semantics of ``lora_apply_decode``; the step must hold one segment
+    (``meta.num_segments == 1``), or none, which the kernels see as an empty step,
+    and its tile (``single_tile``) at most SINGLE_TILE elements.
+    Inputs are checked by the caller (``sgmv.lora_apply``).
+    """
+    t, k = x.shape
+    num_slots, n_slices, max_rank, _ = lora_a.shape
+    offs = tuple(int(o) for o in out_offsets)
+    if t > MAX_TOKENS:
+        raise ValueError(f"the decode path takes at most {MAX_TOKENS} tokens, got {t}")
+    if meta.num_segments > 1:
+        raise ValueError(f"the one-adapter kernels take one segment, the step has {meta.num_segments}")
+    if not single_fits(t, max_rank):
+        raise ValueError(f"{t} tokens at max rank {max_rank} exceed the one-adapter kernels' tile")
+    if meta.no_lora or t == 0:
+        return y
+    block_m, block_r = single_tile(t, max_rank)
+    block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
+    if split_k is None:
+        split_k = single_split(k, block_m, block_r, block_k)
+    k_per_prog = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_prog)
+    if block_n is None:
+        # every column tile re-reads all the partials: past ~16 MB of such L2 reads, wider tiles pay
+        partial_bytes = split_k * block_m * block_r * 4
+        block_n = 64 if triton.cdiv(offs[-1], 64) * partial_bytes <= (16 << 20) else 128
+    hp = torch.empty((split_k, n_slices, t, max_rank), dtype=torch.float32, device=x.device)
+    num_seg = meta.seg_slot.numel()
+    ieee = x.dtype == torch.float32
+    _shrink_single_kernel[(split_k, n_slices)](
+        x, lora_a, hp, meta.sorted_idx, meta.seg_indptr, meta.seg_slot, t, k, num_seg,
+        x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        hp.stride(0), hp.stride(1), hp.stride(2), max_rank,
+        K_PER_PROG=k_per_prog, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, NATIVE=native_dot(x.dtype),
+        IEEE=ieee, num_warps=4, num_stages=3)
+    o, tile_starts, num_tiles = column_tiles(offs, block_n)
+    _expand_single_kernel[(num_tiles,)](
+        hp, lora_b, y, ranks, scalings, meta.sorted_idx, meta.seg_indptr, meta.seg_slot, t, num_seg,
+        hp.stride(0), hp.stride(1), hp.stride(2), lora_b.stride(0), lora_b.stride(1), y.stride(0),
+        n_slices, max_rank, o[0], o[1], o[2], o[3], tile_starts[0], tile_starts[1], tile_starts[2],
+        SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=ieee, num_warps=4)
     return y

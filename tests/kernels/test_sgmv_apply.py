@@ -5,7 +5,7 @@ import torch
 
 from kernels.lora_torch import lora_expand_ref, lora_shrink_ref
 from kernels.sgmv import lora_apply
-from kernels.sgmv_decode import MAX_TOKENS, lora_apply_decode
+from kernels.sgmv_decode import MAX_TOKENS, lora_apply_decode, lora_apply_single
 from tests.kernels.test_sgmv import CUDA, DEV, LLAMA, TOL, make_case
 
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -88,8 +88,83 @@ def test_decode_llama_shapes_bf16(family, num_tokens, distinct, seed, rel_err):
     check_apply(case, torch.bfloat16, rel_err)
 
 
-def test_single_adapter_takes_the_block_walking_kernels(seed, rel_err):
-    from kernels.sgmv import uses_decode_kernels
-    case = make_case(20, 64, [48, 16], [[16, 8]], max_rank=16, dtype=torch.float32, p_none=0.2)
-    assert case[6].num_segments == 1 and not uses_decode_kernels(20, 1) and uses_decode_kernels(20, 2)
-    check_apply(case, torch.float32, rel_err)
+def test_apply_path_by_size_adapters_and_tile():
+    from kernels.sgmv import apply_path
+    assert apply_path(20, 1, 16) == "single" and apply_path(20, 2, 16) == "segments"
+    assert apply_path(MAX_TOKENS, 1, 32) == "single" and apply_path(MAX_TOKENS + 1, 1, 16) == "blocks"
+    assert apply_path(MAX_TOKENS, 1, 64) == "blocks" and apply_path(32, 1, 64) == "single"   # the tile's size
+    assert apply_path(MAX_TOKENS + 1, 5, 16) == "blocks" and apply_path(MAX_TOKENS, 5, 128) == "segments"
+
+
+def poison_past_rank(case):
+    """NaN in A's and B's rows past each slot's rank: a kernel that lets them into y fails."""
+    _, a, b, ranks, *_ = case
+    for s in range(a.shape[0]):
+        for i in range(a.shape[1]):
+            a[s, i, int(ranks[s, i]):] = float("nan")
+        b[s, int(ranks[s].max()):] = float("nan")
+    return case
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("num_tokens,split_k", [(1, None), (23, 3), (MAX_TOKENS, 1)])
+def test_single_adapter_kernels(dtype, num_tokens, split_k, seed, rel_err):
+    # one adapter among four slots, slices of odd widths and mixed ranks (v untargeted), rank below
+    # max_rank with NaN past it, tokens without LoRA interleaved, K not a multiple of any block
+    ranks = [[8, 8, 8], [12, 5, 0], [16, 16, 16], [4, 4, 4]]
+    slot = int(torch.randint(0, 4, ()))
+    case = poison_past_rank(make_case(num_tokens, 300, [40, 24, 19], ranks, max_rank=16, dtype=dtype,
+                                      p_none=0.3, slots_used=[slot] if slot != 2 else [1]))
+    assert case[6].num_segments == 1
+    if split_k is None:
+        check_apply(case, dtype, rel_err)
+    else:
+        x, a, b, r, scal, offs, meta, token_slots = case
+        y0 = torch.randn(num_tokens, offs[-1], dtype=dtype, device=DEV)
+        y_ref = lora_expand_ref(lora_shrink_ref(x, a, r, meta), b, r, scal, offs, meta, y0.clone())
+        y = lora_apply_single(x, y0.clone(), a, b, r.to(DEV), scal.to(DEV), offs, meta, split_k=split_k)
+        no_lora = [t for t, s in enumerate(token_slots) if s < 0]
+        assert torch.equal(y[no_lora], y0[no_lora]), "tokens without LoRA were modified"
+        assert rel_err(y.double() - y0.double(), y_ref.double() - y0.double()) < TOL[dtype] * 4, "delta"
+
+
+def test_single_adapter_kernels_skip_an_emptied_step(seed):
+    """A captured graph replays the launches whatever the step: after a fill without LoRA tokens
+    (seg_indptr's last entry 0, seg_slot left as it was) the kernels must leave y alone."""
+    x, a, b, ranks, scal, offs, meta, _ = make_case(9, 40, [16, 8], [[8, 8]], max_rank=8, dtype=torch.float32,
+                                                    p_none=0.0)
+    meta.fill([-1] * 9)
+    slots = meta.slots
+    meta.slots = [0]                          # as the graph does: the launches happen, the device data says empty
+    try:
+        y = torch.randn(9, 24, device=DEV)
+        y0 = y.clone()
+        lora_apply_single(x, y, a, b, ranks.to(DEV), scal.to(DEV), offs, meta)
+    finally:
+        meta.slots = slots
+    assert torch.equal(y, y0)
+
+
+def test_single_adapter_kernels_refuse_several_segments(seed):
+    x, a, b, ranks, scal, offs, meta, _ = make_case(8, 32, [16], [[8], [8]], max_rank=8, dtype=torch.float32,
+                                                    p_none=0.0, slots_used=[0, 1])
+    meta.fill([0, 1] * 4)
+    with pytest.raises(ValueError, match="one segment"):
+        lora_apply_single(x, torch.zeros(8, 16, device=DEV), a, b, ranks.to(DEV), scal.to(DEV), offs, meta)
+    x, a, b, ranks, scal, offs, meta, _ = make_case(MAX_TOKENS, 32, [16], [[8]], max_rank=64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="tile"):
+        lora_apply_single(x, torch.zeros(MAX_TOKENS, 16, device=DEV), a, b, ranks.to(DEV), scal.to(DEV), offs, meta)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", list(LLAMA))
+@pytest.mark.parametrize("num_tokens,max_rank", [(1, 16), (32, 16), (MAX_TOKENS, 16), (8, 64), (32, 64)])
+def test_single_adapter_llama_shapes_bf16(family, num_tokens, max_rank, seed, rel_err):
+    from kernels.sgmv import apply_path
+    in_f, widths = LLAMA[family]
+    ranks = [[max_rank // 4 * (1 + (s + i) % 4) for i in range(len(widths))] for s in range(3)]
+    case = poison_past_rank(make_case(num_tokens, in_f, widths, ranks, max_rank=max_rank, dtype=torch.bfloat16,
+                                      p_none=0.1, slots_used=[1], meta_slots=128))
+    assert apply_path(num_tokens, case[6].num_segments, max_rank) == "single"
+    check_apply(case, torch.bfloat16, rel_err)
