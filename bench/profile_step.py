@@ -3,11 +3,11 @@
 Random Llama-3-8B-shaped weights (bf16), rank-16 adapters on all 7 projections loaded straight
 into the GPU slots, decode graphs captured for one batch size, contexts of ``--context`` tokens
 (block tables point at arbitrary blocks: the values do not change the cost). For each path
-(fused LoRA on/off) and workload (base, identical, distinct) it replays the graph, reports
+(fused LoRA on/off) and workload (base, identical, distinct by default; uniform and skewed on request) it replays the graph, reports
 the run time (host fill and staging + replay), the host part and the replay alone, and per kernel
 name over one step the profiler's kernel time and the GPU's idle time before those kernels.
 
-    python bench/profile_step.py [--batch 32] [--context 192] [--out DIR]
+    python bench/profile_step.py [--batch 32] [--context 192] [--workloads base uniform ...] [--out DIR]
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import random
 import tempfile
 import time
 from collections import defaultdict
@@ -28,7 +29,7 @@ from collections import defaultdict
 import torch
 
 from bench.common import write_result
-from bench.engine import LLAMA3_8B, RANK, random_adapters
+from bench.engine import LLAMA3_8B, RANK, random_adapters, workload
 from worker.cuda_graphs import DecodeGraphs
 from worker.engine import Engine
 
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--context", type=int, default=192)
     ap.add_argument("--paths", nargs="+", type=int, default=[64, 0], help="fused_lora_tokens values to compare")
+    ap.add_argument("--workloads", nargs="+", default=["base", "identical", "distinct"],
+                    help="base and any of bench/engine.py's workloads (identical, uniform, skewed, distinct)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     b, ctx = args.batch, args.context
@@ -125,7 +128,8 @@ def main() -> None:
         per = -(-ctx // bs)
         tables = [[1 + i * per + j for j in range(per)] for i in range(b)]
         mapping = [t[-1] * bs + (ctx - 1) % bs for t in tables]
-        workloads = {"base": [-1] * b, "identical": [slot[0]] * b, "distinct": slot}
+        rng = random.Random(0)
+        workloads = {w: [-1] * b if w == "base" else [slot[i] for i in workload(w, b, rng)] for w in args.workloads}
         rows = []
         for path in args.paths:
             engine.model.fused_lora_tokens = path
