@@ -54,7 +54,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tuned on the H100)
 SILU_ONE = (64, 2)      # SiLU-mul (columns a program, warps) with one adapter (tuned on the H100)
 SILU_MULTI = (64, 4)    # and with several
-SILU_SEG_MAX = 8        # SiLU-mul loops over a step's adapters up to this many tail positions, else gathers per row
 RANK_UNROLL = tl.constexpr(16)  # ranks a per-row loop unrolls at once (unrolled to max_rank, the rank-64 GPU tests stalled)
 
 
@@ -264,10 +263,10 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
 
 @triton.jit
 def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, hg_ptr, bg_ptr, rank_g_ptr,
-                          scal_g_ptr, a_ptr, rank_d_ptr, hd_ptr, T, n, n_pos, n_seg, stride_g, stride_o, stride_hgt, stride_hgpos,
+                          scal_g_ptr, a_ptr, rank_d_ptr, hd_ptr, T, n, n_pos, stride_g, stride_o, stride_hgt, stride_hgpos,
                           stride_hgs, stride_bgs, stride_bgr, stride_as, stride_ar, stride_hdp, stride_hdt,
                           BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, ONE: tl.constexpr,
-                          SEG: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
+                          NATIVE: tl.constexpr, IEEE: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < T
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -277,34 +276,7 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr,
     g = tl.load(gu_ptr + rows[:, None] * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + rows[:, None] * stride_g + n + cols[None, :], mask=m, other=0.0).to(tl.float32)
     r = tl.arange(0, BLOCK_R)
-    if SEG > 0:
-        # a few adapters: each one's B tiles load once a program and multiply on tensor cores, for the
-        # rows of that adapter (the others see h = 0); the segment table loads up front and the loop is
-        # unrolled, so the adapters' loads are all in flight together
-        js = tl.arange(0, SEG)
-        seg_s = tl.load(seg_slot_ptr + js, mask=js < n_seg, other=-1)
-        seg_s0 = tl.maximum(seg_s, 0)
-        seg_p = tl.load(tail_pos_ptr + seg_s0)
-        seg_ok = (seg_s >= 0) & (seg_p >= 0) & (seg_p < n_pos)
-        seg_rg = tl.where(seg_ok, tl.load(rank_g_ptr + seg_s0 * 2), 0)
-        seg_ru = tl.where(seg_ok, tl.load(rank_g_ptr + seg_s0 * 2 + 1), 0)
-        seg_sg = tl.load(scal_g_ptr + seg_s0 * 2)
-        seg_su = tl.load(scal_g_ptr + seg_s0 * 2 + 1)
-        seg_rd = tl.where(seg_ok, tl.load(rank_d_ptr + seg_s0), 0)
-        tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
-        for j in tl.static_range(SEG):
-            sj = tl.sum(tl.where(js == j, seg_s, 0), axis=0)
-            use = (tslot == sj) & (tslot >= 0)
-            hg = hg_ptr + tl.sum(tl.where(js == j, seg_p, 0), axis=0) * stride_hgpos
-            rank = tl.sum(tl.where(js == j, seg_rg, 0), axis=0)
-            h = _load_h(hg, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
-            g = _expand_tile(g, h, sj, rank, tl.sum(tl.where(js == j, seg_sg, 0.0), axis=0), bg_ptr, stride_bgs,
-                             stride_bgr, cols, col_ok, BLOCK_R, IEEE)
-            rank = tl.sum(tl.where(js == j, seg_ru, 0), axis=0)
-            h = _load_h(hg + stride_hgs, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
-            u = _expand_tile(u, h, sj, rank, tl.sum(tl.where(js == j, seg_su, 0.0), axis=0), bg_ptr, stride_bgs,
-                             stride_bgr, n + cols, col_ok, BLOCK_R, IEEE)
-    elif ONE:
+    if ONE:
         slot, use = _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok)
         s0 = tl.maximum(slot, 0)
         p, use = _position(tail_pos_ptr, s0, use, n_pos, False)
@@ -331,16 +303,7 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr,
     g = g.to(dt).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g)) * u.to(dt).to(tl.float32)).to(dt)
     # shrink of down: this column tile's share, stored as its own part (no atomics, nothing to zero)
-    if SEG > 0:
-        part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for j in tl.static_range(SEG):
-            sj = tl.sum(tl.where(js == j, seg_s, 0), axis=0)
-            a = tl.load(a_ptr + tl.maximum(sj, 0).to(tl.int64) * stride_as + r[:, None] * stride_ar + cols[None, :],
-                        mask=(r < tl.sum(tl.where(js == j, seg_rd, 0), axis=0))[:, None] & col_ok[None, :],
-                        other=0.0)
-            use = (tslot == sj) & (tslot >= 0)
-            part += mma(tl.where(use[:, None], act, 0.0).to(dt), tl.trans(a), NATIVE, IEEE)
-    elif ONE:
+    if ONE:
         a = tl.load(a_ptr + s0.to(tl.int64) * stride_as + r[:, None] * stride_ar + cols[None, :],
                     mask=(r < tl.load(rank_d_ptr + s0))[:, None] & col_ok[None, :], other=0.0)
         part = mma(tl.where(use[:, None], act, 0.0).to(dt), tl.trans(a), NATIVE, IEEE)
@@ -449,8 +412,8 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
 
 
 def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam, down_fam,
-                  tail_pos: torch.Tensor, block_n: int | None = None, num_warps: int | None = None,
-                  seg_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  tail_pos: torch.Tensor, block_n: int | None = None,
+                  num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(act, h_down): gate_up += scaling * h_gate_up[0, t, pos(t), i] @ B (rounded), act = silu(g) * u,
     and h_down = act @ A_down.T as float32 parts [column tiles, T, 1 (stride 0), 1, R] (sum them over the
     first dim): the h that ``norm_lora`` takes."""
@@ -463,12 +426,8 @@ def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor
     _check_h("gate_up", h_gate_up, 1, t, gate_up_fam, tail_pos)
     _check_family("down", down_fam, n, None, 1)
     one = meta.num_segments == 1
-    n_pos = h_gate_up.shape[2]
-    # a few adapters: a loop over the step's adapter positions (its tail bucket) instead of per-row gathers
-    # (a step's adapters are at distinct positions below n_pos, so it has at most n_pos segments)
-    seg = triton.next_power_of_2(n_pos) if not one and n_pos <= (SILU_SEG_MAX if seg_max is None else seg_max) else 0
-    block_n = block_n or (SILU_ONE if one or seg else SILU_MULTI)[0]
-    num_warps = num_warps or (SILU_ONE if one or seg else SILU_MULTI)[1]
+    block_n = block_n or (SILU_ONE if one else SILU_MULTI)[0]
+    num_warps = num_warps or (SILU_ONE if one else SILU_MULTI)[1]
     tiles = triton.cdiv(n, block_n)
     block_r = max(16, _block_r(gate_up_fam), _block_r(down_fam))
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
@@ -476,12 +435,10 @@ def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor
     if t:
         _silu_mul_lora_kernel[(tiles,)](
             gate_up, out, meta.token_slot, meta.seg_slot, tail_pos, h_gate_up, gate_up_fam.lora_b, gate_up_fam.ranks,
-            gate_up_fam.scalings, down_fam.lora_a, down_fam.ranks, h_down, t, n, n_pos, meta.seg_slot.numel(),
-            gate_up.stride(0), out.stride(0),
+            gate_up_fam.scalings, down_fam.lora_a, down_fam.ranks, h_down, t, n, h_gate_up.shape[2], gate_up.stride(0), out.stride(0),
             *h_gate_up.stride()[1:4], *gate_up_fam.lora_b.stride()[:2], down_fam.lora_a.stride(0),
             down_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1),
-            BLOCK_M=max(16, triton.next_power_of_2(t)), BN=block_n, BLOCK_R=block_r, ONE=one, SEG=seg,
-            NATIVE=native_dot(gate_up.dtype),
+            BLOCK_M=max(16, triton.next_power_of_2(t)), BN=block_n, BLOCK_R=block_r, ONE=one, NATIVE=native_dot(gate_up.dtype),
             IEEE=not native_dot(gate_up.dtype), num_warps=num_warps)
     return out, h_down.as_strided((tiles, t, 1, 1, block_r), (h_down.stride(0), h_down.stride(1), 0, block_r, 1))
 

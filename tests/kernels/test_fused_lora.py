@@ -148,18 +148,14 @@ def test_rotary_lora_from_gemm_columns(seed, rel_err, adapters, dtype, hidden, h
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden, hq, hk, d, inter, t", SHAPES)
 @pytest.mark.parametrize("max_rank", RANKS)
-@pytest.mark.parametrize("seg_max", [None, 0])
-def test_silu_mul_lora(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter, t, max_rank, seg_max):
-    """gate/up's h from the gate_up GEMM's extra columns; down's shrink as per-tile parts. Several adapters
-    at SLOTS (5) positions take the loop over adapters by default (seg_max None), per-row gathers at 0."""
-    if adapters == 1 and seg_max == 0:
-        pytest.skip("one adapter has its own variant")
+def test_silu_mul_lora(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter, t, max_rank):
+    """gate/up's h from the gate_up GEMM's extra columns; down's shrink as per-tile parts."""
     mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
     f_gu = family(hidden, [inter, inter], ranks_for(2, max_rank), max_rank, dtype)
     f_d = family(inter, [hidden], ranks_for(1, max_rank), max_rank, dtype)
     gu, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_gu, mix, tail_pos, 2 * inter)
     ref_gu = gu.clone()
-    act, parts = silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev, seg_max=seg_max)
+    act, parts = silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev)
     ref_act, ref_hd = silu_mul_lora_ref(ref_gu, mix, expand=(ref_h, f_gu), shrink=f_d, tail_pos=tail_pos)
     assert rel_err(act, ref_act) <= TOL[dtype] * 2
     assert parts.shape[0] > 1, "several column tiles, so the parts really are summed"
