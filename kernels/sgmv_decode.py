@@ -146,8 +146,8 @@ def lora_apply_decode(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lo
 # them side by side with the token order, so each kernel waits on one round trip before its weight loads where
 # the block-walking kernels wait on four or five (indptr -> segment bounds -> slot -> rank -> weights), and
 # shrink stores K-split partials indexed by sorted position, so no zeroed buffer (no memset launch) and expand
-# reads them without waiting on the token order. Partials are summed in expand; with at most MAX_TOKENS rows
-# that is a few KiB of L2 reads per program.
+# reads them without waiting on the token order. Partials are summed in expand: at most 32K fp32 elements a
+# program (``single_split``), read from L2.
 
 SINGLE_TILE = 2048       # tokens x max rank (both padded) of a one-adapter step these kernels take
 
@@ -171,8 +171,8 @@ def single_split(k: int, block_m: int, block_r: int, block_k: int) -> int:
     A rows (bf16, from DRAM); an expand program sums split partial tiles of
     block_m x block_r (fp32, from L2), which costs about half as much a byte on the
     H100. Balancing the two gives split^2 = k (block_m + block_r) / (block_m block_r):
-    32 splits of 128 features for in=4096 at 16 x 16 tiles, 16 at 32 x 16, 28 of 512
-    for down. The partial tiles an expand program holds are capped at 32K elements
+    32 splits of 128 features for in=4096 at 16 x 16 tiles, 16 at 32 x 16, 38 of 384
+    for down (in=14336) at 16 x 16. The partial tiles an expand program holds are capped at 32K elements
     (past that they spill: 28 splits at 32 x 64 took 44 against 16 us).
     Measured: bench/results/2026-11-24-h100-sgmv-single.txt, bench/NOTES-kernels.md (v8).
     """
