@@ -13,18 +13,30 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def add_rms_norm_row(x, row, cols, mask, r_ptr, w_ptr, out_ptr, res_out_ptr, stride_r, stride_o, stride_ro, n, eps,
-                     HAS_RES: tl.constexpr, STORE_S: tl.constexpr):
-    """One row x (float32, the model-dtype value): s = x + residual, out = w * rmsnorm(s); s is stored
-    (in the model dtype, the residual stream's) when STORE_S."""
+def rms_norm_loaded_row(x, res, w, row, cols, mask, out_ptr, res_out_ptr, stride_o, stride_ro, n, eps,
+                        HAS_RES: tl.constexpr, STORE_S: tl.constexpr):
+    """One row, its values loaded (float32; x and res hold model-dtype values): s = x + res (HAS_RES),
+    out = w * rmsnorm(s), each step rounded to the model dtype; s is stored (the residual stream) when
+    STORE_S. Shared by the plain norm and the LoRA norm (kernels/fused_lora.py), which loads early."""
     dt = out_ptr.dtype.element_ty
     if HAS_RES:
-        x = (x + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        x = (x + res).to(dt).to(tl.float32)
     if STORE_S:
         tl.store(res_out_ptr + row * stride_ro + cols, x.to(dt), mask=mask)
     y = (x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)).to(dt).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (w * y).to(dt), mask=mask)
+
+
+@triton.jit
+def add_rms_norm_row(x, row, cols, mask, r_ptr, w_ptr, out_ptr, res_out_ptr, stride_r, stride_o, stride_ro, n, eps,
+                     HAS_RES: tl.constexpr, STORE_S: tl.constexpr):
+    """One row x (float32, the model-dtype value): ``rms_norm_loaded_row`` with the residual and w loaded here."""
+    res = x
+    if HAS_RES:
+        res = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rms_norm_loaded_row(x, res, w, row, cols, mask, out_ptr, res_out_ptr, stride_o, stride_ro, n, eps, HAS_RES,
+                        STORE_S)
 
 
 @triton.jit

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fused import check_norm_args
+from kernels.fused import check_norm_args, rms_norm_loaded_row
 from kernels.lora_meta import LoRAMeta
 from kernels.mma import mma, native_dot
 
@@ -180,6 +180,7 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_
     # the loads that wait on nothing go first, to overlap the chain slot -> position, rank -> h, B (issued
     # after the LoRA loads, the row with h in 224 parts took 10.1 us against 5.6; bench/NOTES-kernels.md)
     x = tl.load(x_ptr + row * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
+    res = x
     if HAS_RES:
         res = tl.load(r_ptr + row * stride_r + cols, mask=cm, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
@@ -204,13 +205,8 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_
         b = tl.load(b_ptr + slot * stride_bs + r[:, None] * stride_br + cols[None, :],
                     mask=(r < rank)[:, None] & cm[None, :], other=0.0).to(tl.float32)
         delta += tl.sum(hc[:, None] * b, axis=0)
-    dt = out_ptr.dtype.element_ty          # as kernels.fused.add_rms_norm_row, with x, residual, w loaded above
-    x = (x + delta).to(dt).to(tl.float32)
-    if HAS_RES:
-        x = (x + res).to(dt).to(tl.float32)
-    tl.store(s_ptr + row * stride_s + cols, x.to(dt), mask=cm)
-    y = (x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)).to(dt).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (w * y).to(dt), mask=cm)
+    x = (x + delta).to(out_ptr.dtype.element_ty).to(tl.float32)
+    rms_norm_loaded_row(x, res, w, row, cols, cm, out_ptr, s_ptr, stride_o, stride_s, n, eps, HAS_RES, True)
 
 
 @triton.jit

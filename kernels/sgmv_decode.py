@@ -39,6 +39,23 @@ def _segment(indptr_ptr, seg_slot_ptr, ranks_ptr, seg, sl, n_slices, max_rank):
 
 
 @triton.jit
+def _shrink_k_range(x_ptr, tok, row_ok, stride_xt, a_base, a_ok, k_lo, K, K_PER_PROG: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                    NATIVE: tl.constexpr, IEEE: tl.constexpr):
+    """[BLOCK_M, BLOCK_R] float32: x[tok, k_lo : k_lo + K_PER_PROG] @ A[:, same].T, A's rows at ``a_base``
+    (a column vector of row pointers), rows ``a_ok`` of them."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + K_PER_PROG, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_base + kk[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += mma(xt, tl.trans(at), NATIVE, IEEE)
+    return acc
+
+
+@triton.jit
 def _shrink_seg_kernel(x_ptr, a_ptr, hp_ptr, ranks_ptr, sorted_ptr, indptr_ptr, seg_slot_ptr,
                        K, stride_xt, stride_as, stride_ai, stride_ar, stride_hp, stride_hi, stride_ht,
                        n_slices, max_rank, K_PER_PROG: tl.constexpr,
@@ -50,7 +67,6 @@ def _shrink_seg_kernel(x_ptr, a_ptr, hp_ptr, ranks_ptr, sorted_ptr, indptr_ptr, 
     start, end, slot, rank = _segment(indptr_ptr, seg_slot_ptr, ranks_ptr, seg, sl, n_slices, max_rank)
     if (end > start) & (rank > 0):
         offs_r = tl.arange(0, BLOCK_R)
-        offs_k = tl.arange(0, BLOCK_K)
         r_ok = offs_r < rank
         k_lo = split * K_PER_PROG
         a_base = a_ptr + slot * stride_as + sl * stride_ai + offs_r[:, None] * stride_ar
@@ -58,14 +74,8 @@ def _shrink_seg_kernel(x_ptr, a_ptr, hp_ptr, ranks_ptr, sorted_ptr, indptr_ptr, 
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < end
             tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(k_lo, k_lo + K_PER_PROG, BLOCK_K):
-                kk = k0 + offs_k
-                k_ok = kk < K
-                xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                             other=0.0)
-                at = tl.load(a_base + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                acc += mma(xt, tl.trans(at), NATIVE, IEEE)
+            acc = _shrink_k_range(x_ptr, tok, row_ok, stride_xt, a_base, r_ok, k_lo, K, K_PER_PROG,
+                                  BLOCK_M, BLOCK_R, BLOCK_K, NATIVE, IEEE)
             tl.store(hp_ptr + split * stride_hp + sl * stride_hi + tok[:, None] * stride_ht + offs_r[None, :], acc,
                      mask=row_ok[:, None] & r_ok[None, :])
 
@@ -197,22 +207,13 @@ def _shrink_single_kernel(x_ptr, a_ptr, hp_ptr, sorted_ptr, indptr_ptr, seg_slot
     end = tl.load(indptr_ptr + NUM_SEG)                 # LoRA tokens this step; 0 for a step without LoRA
     slot = tl.load(seg_slot_ptr).to(tl.int64)
     if (end > 0) & (slot >= 0):
-        row_ok = rows < end
         offs_r = tl.arange(0, BLOCK_R)
-        offs_k = tl.arange(0, BLOCK_K)
         # rows of A past the adapter's rank are read too (max_rank of them at most) and land in h's
         # columns past the rank, which expand never uses: masking them here would wait on the rank load
         a_base = a_ptr + slot * stride_as + sl * stride_ai + offs_r[:, None] * stride_ar
         r_in = offs_r < max_rank
-        k_lo = split * K_PER_PROG
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(k_lo, k_lo + K_PER_PROG, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < K
-            xt = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                         other=0.0)
-            at = tl.load(a_base + kk[None, :], mask=r_in[:, None] & k_ok[None, :], other=0.0)
-            acc += mma(xt, tl.trans(at), NATIVE, IEEE)
+        acc = _shrink_k_range(x_ptr, tok, rows < end, stride_xt, a_base, r_in, split * K_PER_PROG, K, K_PER_PROG,
+                              BLOCK_M, BLOCK_R, BLOCK_K, NATIVE, IEEE)
         tl.store(hp_ptr + split * stride_hp + sl * stride_hi + rows[:, None] * stride_ht + offs_r[None, :], acc,
                  mask=(rows < T)[:, None] & r_in[None, :])
 
