@@ -28,9 +28,11 @@ dtype, one part; ``LoRATails.split``) or SiLU-mul's per-tile partials (float32, 
 parts, stride 0 along positions: they are per token already). Nothing is accumulated
 atomically, so no buffer needs zeroing.
 
-A step with one adapter compiles a straight-line variant (``ONE``): its B tiles
-load once a program and multiply on tensor cores. With several adapters each row
-gathers its own B, rank by rank.
+Rotary and SiLU-mul run, for a step of few adapters, one program per (head or column
+tile, segment): the segment's B tiles load once and multiply on tensor cores, and the
+program stores its own rows only (segment 0 also takes the rows without LoRA). With
+many adapters (``SEGMENTS_MAX``) one program a head or tile does every row, each row
+gathering its own adapter's B rank by rank.
 
 Semantics (``kernels/fused_lora_torch.py``) are those of the unfused path: the
 expanded projection output is rounded to the model dtype before the op that
@@ -52,8 +54,12 @@ from kernels.mma import mma, native_dot
 MAX_TOKENS = 64
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tuned on the H100)
-SILU_ONE = (64, 2)      # SiLU-mul (columns a program, warps) with one adapter (tuned on the H100)
-SILU_MULTI = (64, 4)    # and with several
+SILU_SEGMENTS = (64, 2)  # SiLU-mul (columns a program, warps), a program per segment (tuned on the H100)
+SILU_ROWS = (64, 4)      # and per-row
+# Steps whose h holds up to this many tail positions run a program per (tile, segment); beyond, one program a
+# tile gathers each row's own adapter (bench/NOTES-kernels.md v9: at 6 adapters SiLU-mul takes 13.2 us a call
+# that way against 12.7 per-row, at 2 7.9 against 11.9; rotary wins up to 10 adapters)
+SEGMENTS_MAX = {"silu": 4, "rotary": 8}
 RANK_UNROLL = tl.constexpr(16)  # ranks a per-row loop unrolls at once (unrolled to max_rank, the rank-64 GPU tests stalled)
 
 
@@ -70,11 +76,15 @@ class LoRAWeights:
 # ----------------------------------------------------------------------------- device helpers
 
 @triton.jit
-def _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok):
-    """One-adapter steps: the step's adapter slot, and which rows use it."""
-    slot = tl.load(seg_slot_ptr)
+def _segment(seg_slot_ptr, slot_ptr, rows, row_ok):
+    """(slot, own, use) of this program's segment, ``tl.program_id(1)``: its adapter slot (-1 past the
+    step's segments), the rows it handles (those of its adapter; segment 0 also takes the rows without
+    LoRA) and, among them, the rows with LoRA. Every row of the step is owned by exactly one segment."""
+    j = tl.program_id(1)
+    slot = tl.load(seg_slot_ptr + j)
     tslot = tl.load(slot_ptr + rows, mask=row_ok, other=-1)
-    return slot, (tslot == slot) & (tslot >= 0)
+    use = (tslot == slot) & (tslot >= 0)
+    return slot, use | tl.where(j == 0, row_ok & (tslot < 0), False), use     # (see _position)
 
 
 @triton.jit
@@ -213,31 +223,24 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_
 def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, h_ptr, b_ptr,
                         ranks_ptr, scal_ptr, T, n_pos, stride_t, stride_c, stride_ht, stride_hpos, stride_hs, stride_bs,
                         stride_br, HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ONE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
                         IEEE: tl.constexpr):
-    hh = tl.program_id(0)                                   # q heads, then k heads, then v heads
+    """One head (program_id 0: q heads, then k heads, then v heads) of one segment's rows (program_id 1),
+    or, ROWS, of every row."""
+    hh = tl.program_id(0)
     sl = (hh >= HQ).to(tl.int32) + (hh >= HQ + HK).to(tl.int32)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < T
     d = tl.arange(0, HALF_P2)
     dm = d < HALF
     col = hh * (2 * HALF) + d
-    m = row_ok[:, None] & dm[None, :]
     dt = qkv_ptr.dtype.element_ty
     p1 = qkv_ptr + rows[:, None] * stride_t + col[None, :]
-    x1 = tl.load(p1, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=m, other=0.0).to(tl.float32)
+    x1 = tl.load(p1, mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)    # every row: waits on nothing
+    x2 = tl.load(p1 + HALF, mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
     zero = tl.zeros((BLOCK_M, HALF_P2), dtype=tl.float32)
-    if ONE:
-        slot, use = _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok)
-        s0 = tl.maximum(slot, 0)
-        p, use = _position(tail_pos_ptr, s0, use, n_pos, False)
-        rank = tl.load(ranks_ptr + s0 * 3 + sl)
-        scaling = tl.load(scal_ptr + s0 * 3 + sl)
-        h = _load_h(h_ptr + p * stride_hpos + sl * stride_hs, stride_ht, rows, use, rank, BLOCK_M, BLOCK_R)
-        e1 = _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col, dm, BLOCK_R, IEEE)
-        e2 = _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col + HALF, dm, BLOCK_R, IEEE)
-    else:
+    if ROWS:
+        own = row_ok
         s0, use = _row_slots(slot_ptr, rows, row_ok)
         p, use = _position(tail_pos_ptr, s0, use, n_pos, True)
         rank = tl.load(ranks_ptr + s0 * 3 + sl, mask=use, other=0)
@@ -246,6 +249,19 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
         b_rows = b_ptr + s0 * stride_bs
         e1 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col, dm, BLOCK_R > RANK_UNROLL)
         e2 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col + HALF, dm, BLOCK_R > RANK_UNROLL)
+    else:
+        slot, own, use = _segment(seg_slot_ptr, slot_ptr, rows, row_ok)
+        if SPLIT:                                           # (the branch cost one segment 0.5 us of 7.2)
+            if (slot < 0) & (tl.program_id(1) > 0):
+                return                                      # past the step's segments
+        s0 = tl.maximum(slot, 0)
+        p, use = _position(tail_pos_ptr, s0, use, n_pos, False)
+        rank = tl.load(ranks_ptr + s0 * 3 + sl)
+        scaling = tl.load(scal_ptr + s0 * 3 + sl)
+        h = _load_h(h_ptr + p * stride_hpos + sl * stride_hs, stride_ht, rows, use, rank, BLOCK_M, BLOCK_R)
+        e1 = _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col, dm, BLOCK_R, IEEE)
+        e2 = _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col + HALF, dm, BLOCK_R, IEEE)
+    m = own[:, None] & dm[None, :]
     x1 = (x1 + e1).to(dt).to(tl.float32)
     x2 = (x2 + e2).to(dt).to(tl.float32)
     if hh < HQ + HK:
@@ -253,7 +269,7 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
         cos = tl.load(cos_ptr + pos[:, None] * stride_c + d[None, :], mask=m, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + pos[:, None] * stride_c + d[None, :], mask=m, other=0.0).to(tl.float32)
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    tl.store(p1, x1.to(dt), mask=m)
+    tl.store(p1, x1.to(dt), mask=m)                         # a segment's own rows only
     tl.store(p1 + HALF, x2.to(dt), mask=m)
 
 
@@ -261,19 +277,36 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
 def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, hg_ptr, bg_ptr, rank_g_ptr,
                           scal_g_ptr, a_ptr, rank_d_ptr, hd_ptr, T, n, n_pos, stride_g, stride_o, stride_hgt, stride_hgpos,
                           stride_hgs, stride_bgs, stride_bgr, stride_as, stride_ar, stride_hdp, stride_hdt,
-                          BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, ONE: tl.constexpr,
-                          NATIVE: tl.constexpr, IEEE: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr,
+                          SPLIT: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
+    """One column tile (program_id 0) of one segment's rows (program_id 1), or, ROWS, of every row."""
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < T
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < n
-    m = row_ok[:, None] & col_ok[None, :]
     dt = out_ptr.dtype.element_ty
-    g = tl.load(gu_ptr + rows[:, None] * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + rows[:, None] * stride_g + n + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    g = tl.load(gu_ptr + rows[:, None] * stride_g + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0).to(tl.float32)                   # every row: waits on nothing
+    u = tl.load(gu_ptr + rows[:, None] * stride_g + n + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0).to(tl.float32)
     r = tl.arange(0, BLOCK_R)
-    if ONE:
-        slot, use = _step_slot(seg_slot_ptr, slot_ptr, rows, row_ok)
+    if ROWS:
+        own = row_ok
+        s0, use = _row_slots(slot_ptr, rows, row_ok)
+        p, use = _position(tail_pos_ptr, s0, use, n_pos, True)
+        h_rows = hg_ptr + rows * stride_hgt + p * stride_hgpos
+        b_rows = bg_ptr + s0 * stride_bgs
+        g = _expand_rows(g, h_rows, tl.load(rank_g_ptr + s0 * 2, mask=use, other=0),
+                         tl.load(scal_g_ptr + s0 * 2, mask=use, other=0.0), b_rows, stride_bgr, cols, col_ok,
+                         BLOCK_R > RANK_UNROLL)
+        u = _expand_rows(u, h_rows + stride_hgs, tl.load(rank_g_ptr + s0 * 2 + 1, mask=use, other=0),
+                         tl.load(scal_g_ptr + s0 * 2 + 1, mask=use, other=0.0), b_rows, stride_bgr, n + cols, col_ok,
+                         BLOCK_R > RANK_UNROLL)
+    else:
+        slot, own, use = _segment(seg_slot_ptr, slot_ptr, rows, row_ok)
+        if SPLIT:                                           # (the branch cost one segment 0.5 us of 7.2)
+            if (slot < 0) & (tl.program_id(1) > 0):
+                return                                      # past the step's segments
         s0 = tl.maximum(slot, 0)
         p, use = _position(tail_pos_ptr, s0, use, n_pos, False)
         hg = hg_ptr + p * stride_hgpos
@@ -285,30 +318,19 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr,
         h = _load_h(hg + stride_hgs, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
         u = _expand_tile(u, h, slot, rank, tl.load(scal_g_ptr + s0 * 2 + 1), bg_ptr, stride_bgs, stride_bgr,
                          n + cols, col_ok, BLOCK_R, IEEE)
-    else:
-        s0, use = _row_slots(slot_ptr, rows, row_ok)
-        p, use = _position(tail_pos_ptr, s0, use, n_pos, True)
-        h_rows = hg_ptr + rows * stride_hgt + p * stride_hgpos
-        b_rows = bg_ptr + s0 * stride_bgs
-        g = _expand_rows(g, h_rows, tl.load(rank_g_ptr + s0 * 2, mask=use, other=0),
-                         tl.load(scal_g_ptr + s0 * 2, mask=use, other=0.0), b_rows, stride_bgr, cols, col_ok,
-                         BLOCK_R > RANK_UNROLL)
-        u = _expand_rows(u, h_rows + stride_hgs, tl.load(rank_g_ptr + s0 * 2 + 1, mask=use, other=0),
-                         tl.load(scal_g_ptr + s0 * 2 + 1, mask=use, other=0.0), b_rows, stride_bgr, n + cols, col_ok,
-                         BLOCK_R > RANK_UNROLL)
     g = g.to(dt).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g)) * u.to(dt).to(tl.float32)).to(dt)
     # shrink of down: this column tile's share, stored as its own part (no atomics, nothing to zero)
-    if ONE:
+    if ROWS:
+        part = _shrink_rows(act.to(tl.float32), a_ptr + s0 * stride_as, stride_ar,
+                            tl.load(rank_d_ptr + s0, mask=use, other=0), cols, col_ok, BLOCK_M, BLOCK_R)
+    else:
         a = tl.load(a_ptr + s0.to(tl.int64) * stride_as + r[:, None] * stride_ar + cols[None, :],
                     mask=(r < tl.load(rank_d_ptr + s0))[:, None] & col_ok[None, :], other=0.0)
         part = mma(tl.where(use[:, None], act, 0.0).to(dt), tl.trans(a), NATIVE, IEEE)
-    else:
-        part = _shrink_rows(act.to(tl.float32), a_ptr + s0 * stride_as, stride_ar,
-                            tl.load(rank_d_ptr + s0, mask=use, other=0), cols, col_ok, BLOCK_M, BLOCK_R)
     tl.store(hd_ptr + tl.program_id(0) * stride_hdp + rows[:, None] * stride_hdt + r[None, :], part,
-             mask=row_ok[:, None])
-    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], act, mask=m)     # after the weight loads
+             mask=own[:, None])
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], act, mask=own[:, None] & col_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- host side
@@ -347,6 +369,16 @@ def _check_meta(meta: LoRAMeta, t: int) -> None:
         raise ValueError(f"the LoRA metadata holds {meta.token_slot.numel()} tokens, the step {t}")
 
 
+def _segments(meta: LoRAMeta, h: torch.Tensor, most: int) -> int:
+    """Programs along a kernel's segment axis: one per tail position of h (the step's adapters sit at
+    distinct positions below it) where h has at most ``most`` of them, else 0: per-row gathers. Decided
+    by h's shape, so that a captured graph keeps its grid for every step of its bucket; programs past
+    the step's segments return at once."""
+    if meta.num_segments > h.shape[2]:
+        raise ValueError(f"{meta.num_segments} adapters in the step but h holds {h.shape[2]} tail positions")
+    return h.shape[2] if h.shape[2] <= most else 0
+
+
 def _block_r(fam) -> int:
     return triton.next_power_of_2(fam.lora_a.shape[2])
 
@@ -380,7 +412,7 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
 
 def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin: torch.Tensor,
                  positions: torch.Tensor, meta: LoRAMeta, num_heads: int, num_kv_heads: int,
-                 tail_pos: torch.Tensor, num_warps: int = 8) -> None:
+                 tail_pos: torch.Tensor, num_warps: int = 8, segments_max: int = SEGMENTS_MAX["rotary"]) -> None:
     """In place on qkv [T, (HQ + 2 HK) * D]: q, k, v += scaling * h[0, t, pos(t), i] @ B (rounded), then
     rotary on q and k. h [1, T, positions, 3, R]: the qkv GEMM's extra columns (``LoRATails.split``)."""
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.dtype not in _DTYPES:
@@ -397,19 +429,20 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
         raise ValueError(f"cos/sin must be [max_pos, {dim}], got {tuple(cos.shape)}")
     if positions.shape != (t,):
         raise ValueError(f"positions must be [{t}], got {tuple(positions.shape)}")
+    segs = _segments(meta, h, segments_max)
     if t:
-        _rotary_lora_kernel[(heads,)](
+        _rotary_lora_kernel[(heads, max(segs, 1))](
             qkv, cos, sin, positions, meta.token_slot, meta.seg_slot, tail_pos, h, fam.lora_b, fam.ranks,
             fam.scalings, t, h.shape[2], qkv.stride(0), cos.stride(0), h.stride(1), h.stride(2), h.stride(3),
             *fam.lora_b.stride()[:2], HQ=num_heads, HK=num_kv_heads, HALF=dim // 2,
             HALF_P2=max(16, triton.next_power_of_2(dim // 2)), BLOCK_M=max(16, triton.next_power_of_2(t)),
-            BLOCK_R=max(16, _block_r(fam)), ONE=meta.num_segments == 1,
+            BLOCK_R=max(16, _block_r(fam)), ROWS=segs == 0, SPLIT=segs > 1,
             IEEE=not native_dot(qkv.dtype), num_warps=num_warps, num_stages=3)
 
 
 def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam, down_fam,
-                  tail_pos: torch.Tensor, block_n: int | None = None,
-                  num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  tail_pos: torch.Tensor, block_n: int | None = None, num_warps: int | None = None,
+                  segments_max: int = SEGMENTS_MAX["silu"]) -> tuple[torch.Tensor, torch.Tensor]:
     """(act, h_down): gate_up += scaling * h_gate_up[0, t, pos(t), i] @ B (rounded), act = silu(g) * u,
     and h_down = act @ A_down.T as float32 parts [column tiles, T, 1 (stride 0), 1, R] (sum them over the
     first dim): the h that ``norm_lora`` takes."""
@@ -421,20 +454,21 @@ def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor
     _check_family("gate_up", gate_up_fam, None, n2, 2)
     _check_h("gate_up", h_gate_up, 1, t, gate_up_fam, tail_pos)
     _check_family("down", down_fam, n, None, 1)
-    one = meta.num_segments == 1
-    block_n = block_n or (SILU_ONE if one else SILU_MULTI)[0]
-    num_warps = num_warps or (SILU_ONE if one else SILU_MULTI)[1]
+    segs = _segments(meta, h_gate_up, segments_max)
+    block_n = block_n or (SILU_SEGMENTS if segs else SILU_ROWS)[0]
+    num_warps = num_warps or (SILU_SEGMENTS if segs else SILU_ROWS)[1]
     tiles = triton.cdiv(n, block_n)
     block_r = max(16, _block_r(gate_up_fam), _block_r(down_fam))
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     h_down = torch.empty((tiles, t, block_r), dtype=torch.float32, device=gate_up.device)
     if t:
-        _silu_mul_lora_kernel[(tiles,)](
+        _silu_mul_lora_kernel[(tiles, max(segs, 1))](
             gate_up, out, meta.token_slot, meta.seg_slot, tail_pos, h_gate_up, gate_up_fam.lora_b, gate_up_fam.ranks,
             gate_up_fam.scalings, down_fam.lora_a, down_fam.ranks, h_down, t, n, h_gate_up.shape[2], gate_up.stride(0), out.stride(0),
             *h_gate_up.stride()[1:4], *gate_up_fam.lora_b.stride()[:2], down_fam.lora_a.stride(0),
             down_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1),
-            BLOCK_M=max(16, triton.next_power_of_2(t)), BN=block_n, BLOCK_R=block_r, ONE=one, NATIVE=native_dot(gate_up.dtype),
+            BLOCK_M=max(16, triton.next_power_of_2(t)), BN=block_n, BLOCK_R=block_r, ROWS=segs == 0,
+            SPLIT=segs > 1, NATIVE=native_dot(gate_up.dtype),
             IEEE=not native_dot(gate_up.dtype), num_warps=num_warps)
     return out, h_down.as_strided((tiles, t, 1, 1, block_r), (h_down.stride(0), h_down.stride(1), 0, block_r, 1))
 

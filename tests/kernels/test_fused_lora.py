@@ -18,7 +18,8 @@ DEV = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 SLOTS = 5
-ADAPTERS = [1, 3]           # adapters a step: the straight-line kernels, then the per-row ones
+ADAPTERS = [1, 3]           # adapters a step
+GRIDS = {"segments": 64, "rows": 0}     # rotary and SiLU-mul: a program per segment, or per-row gathers
 RANKS = [16, 64] if CUDA else [8, 24]       # 24: the per-row kernels loop over ranks in chunks of 16
 # hidden, heads, kv heads, head_dim, intermediate, tokens; CPU shapes stay small for the interpreter
 SHAPES = [(96, 2, 1, 32, 200, 5), (64, 2, 1, 16, 136, 19)] if not CUDA else \
@@ -133,14 +134,15 @@ def rotary_tables(d, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden, hq, hk, d, inter, t", SHAPES)
 @pytest.mark.parametrize("max_rank", RANKS)
-def test_rotary_lora_from_gemm_columns(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter, t, max_rank):
+@pytest.mark.parametrize("grid", GRIDS)
+def test_rotary_lora_from_gemm_columns(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter, t, max_rank, grid):
     mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
     f = family(hidden, [hq * d, hk * d, hk * d], ranks_for(3, max_rank), max_rank, dtype)
     qkv, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f, mix, tail_pos, f.lora_b.shape[2])
     cos, sin, max_pos = rotary_tables(d, dtype)
     pos = torch.randint(0, max_pos, (t,), device=DEV)
     ref = rotary_lora_ref(qkv.clone(), ref_h, f, cos, sin, pos, mix, hq, hk, tail_pos)
-    rotary_lora_(qkv, h, f, cos, sin, pos, meta, hq, hk, tail_pos_dev)
+    rotary_lora_(qkv, h, f, cos, sin, pos, meta, hq, hk, tail_pos_dev, segments_max=GRIDS[grid])
     assert rel_err(qkv, ref) <= TOL[dtype] * 2
 
 
@@ -148,14 +150,15 @@ def test_rotary_lora_from_gemm_columns(seed, rel_err, adapters, dtype, hidden, h
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden, hq, hk, d, inter, t", SHAPES)
 @pytest.mark.parametrize("max_rank", RANKS)
-def test_silu_mul_lora(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter, t, max_rank):
+@pytest.mark.parametrize("grid", GRIDS)
+def test_silu_mul_lora(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter, t, max_rank, grid):
     """gate/up's h from the gate_up GEMM's extra columns; down's shrink as per-tile parts."""
     mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
     f_gu = family(hidden, [inter, inter], ranks_for(2, max_rank), max_rank, dtype)
     f_d = family(inter, [hidden], ranks_for(1, max_rank), max_rank, dtype)
     gu, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_gu, mix, tail_pos, 2 * inter)
     ref_gu = gu.clone()
-    act, parts = silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev)
+    act, parts = silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev, segments_max=GRIDS[grid])
     ref_act, ref_hd = silu_mul_lora_ref(ref_gu, mix, expand=(ref_h, f_gu), shrink=f_d, tail_pos=tail_pos)
     assert rel_err(act, ref_act) <= TOL[dtype] * 2
     assert parts.shape[0] > 1, "several column tiles, so the parts really are summed"
@@ -209,3 +212,9 @@ def test_bad_inputs(seed):
         rotary_lora_(torch.randn(3, 30, device=DEV), torch.zeros(1, 3, 1, 3, 4, device=DEV), f,
                      torch.ones(4, 2, device=DEV), torch.ones(4, 2, device=DEV), torch.zeros(3, device=DEV), meta, 2, 2,
                      tail_pos)
+    f_gu = family(16, [8, 8], [[4, 4]] * SLOTS, 4, torch.float32)
+    f_d = family(8, [16], [[4]] * SLOTS, 4, torch.float32)
+    _, meta3, _, tail_pos = token_mix(7, 3)
+    with pytest.raises(ValueError, match="3 adapters in the step but h holds 2 tail positions"):
+        silu_mul_lora(torch.randn(7, 16, device=DEV), meta3, torch.zeros(1, 7, 2, 2, 4, device=DEV), f_gu, f_d,
+                      tail_pos)
