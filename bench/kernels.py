@@ -230,12 +230,16 @@ def bench_prefill():
 
 
 def main():
+    only = sys.argv[1:] or ["sgmv", "decode", "prefill"]
+    unknown = sorted(set(only) - {"sgmv", "decode", "prefill"})
+    if unknown:     # (a stray "--out DIR" once ran nothing and wrote a file with the copy bandwidth alone)
+        sys.exit(f"bench/kernels.py takes sections sgmv, decode, prefill (default: all), not {' '.join(unknown)}; "
+                 "the results go to $OUT or bench/results/")
     torch.backends.cuda.matmul.allow_tf32 = False
     dev_name = torch.cuda.get_device_name()
     copy_tbps = copy_bandwidth()
     print(f"{dev_name}: copy {copy_tbps:.2f} TB/s (read + write)", flush=True)
     rows = [dict(system="roofline", op="copy", TBps=round(copy_tbps, 3))]
-    only = sys.argv[1:] or ["sgmv", "decode", "prefill"]
     if "decode" in only:
         rows += bench_decode(copy_tbps)
     if "prefill" in only:
