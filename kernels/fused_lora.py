@@ -57,8 +57,8 @@ NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tune
 SILU_SEGMENTS = (64, 2)  # SiLU-mul (columns a program, warps), a program per segment (tuned on the H100)
 SILU_ROWS = (64, 4)      # and per-row
 # Steps whose h holds up to this many tail positions run a program per (tile, segment); beyond, one program a
-# tile gathers each row's own adapter (bench/NOTES-kernels.md v9: at 6 adapters SiLU-mul takes 13.2 us a call
-# that way against 12.7 per-row, at 2 7.9 against 11.9; rotary wins up to 10 adapters)
+# tile gathers each row's own adapter (bench/NOTES-kernels.md v9: at 6 adapters SiLU-mul takes 13.0 us a call
+# that way against 12.7 per-row, at 2 7.8 against 11.8; rotary wins up to 8 adapters, ties at 10)
 SEGMENTS_MAX = {"silu": 4, "rotary": 8}
 RANK_UNROLL = tl.constexpr(16)  # ranks a per-row loop unrolls at once (unrolled to max_rank, the rank-64 GPU tests stalled)
 
