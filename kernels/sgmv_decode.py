@@ -111,6 +111,15 @@ def _expand_seg_kernel(hp_ptr, b_ptr, y_ptr, ranks_ptr, scal_ptr, sorted_ptr, in
             tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+def _step_shape(x: torch.Tensor, lora_a: torch.Tensor, out_offsets: tuple[int, ...]):
+    """(tokens, in features, slices, max rank, output offsets as ints) of a decode-path step, which
+    takes at most MAX_TOKENS tokens."""
+    t, k = x.shape
+    if t > MAX_TOKENS:
+        raise ValueError(f"the decode path takes at most {MAX_TOKENS} tokens, got {t}")
+    return t, k, lora_a.shape[1], lora_a.shape[2], tuple(int(o) for o in out_offsets)
+
+
 def lora_apply_decode(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                       ranks: torch.Tensor, scalings: torch.Tensor, out_offsets: tuple[int, ...], meta: LoRAMeta,
                       *, split_k: int | None = None, block_n: int = 128) -> torch.Tensor:
@@ -118,11 +127,7 @@ def lora_apply_decode(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lo
 
     Inputs are checked by the caller (``sgmv.lora_apply``).
     """
-    t, k = x.shape
-    num_slots, n_slices, max_rank, _ = lora_a.shape
-    offs = tuple(int(o) for o in out_offsets)
-    if t > MAX_TOKENS:
-        raise ValueError(f"the decode path takes at most {MAX_TOKENS} tokens, got {t}")
+    t, k, n_slices, max_rank, offs = _step_shape(x, lora_a, out_offsets)
     if meta.no_lora or t == 0:
         return y
     num_seg = min(t, meta.seg_slot.numel())             # a step has at most one segment per token
@@ -260,11 +265,7 @@ def lora_apply_single(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lo
     and its tile (``single_tile``) at most SINGLE_TILE elements.
     Inputs are checked by the caller (``sgmv.lora_apply``).
     """
-    t, k = x.shape
-    num_slots, n_slices, max_rank, _ = lora_a.shape
-    offs = tuple(int(o) for o in out_offsets)
-    if t > MAX_TOKENS:
-        raise ValueError(f"the decode path takes at most {MAX_TOKENS} tokens, got {t}")
+    t, k, n_slices, max_rank, offs = _step_shape(x, lora_a, out_offsets)
     if meta.num_segments > 1:
         raise ValueError(f"the one-adapter kernels take one segment, the step has {meta.num_segments}")
     if not single_fits(t, max_rank):
