@@ -13,6 +13,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+SEG_BLOCK = 16      # sorted positions a segment block holds (the SGMV segment-block kernels, sgmv_decode.py)
+# steps with more adapters than this take the block-walking SGMV kernels instead (kernels/sgmv.py
+# ``apply_path``); here, so that the decode graphs (worker/cuda_graphs.py) see it without importing Triton
+SEG_BLOCKS_MAX_SEGMENTS = 128
+
+
+def max_seg_blocks(max_tokens: int, max_slots: int) -> int:
+    """Most segment blocks a step can have: every segment's last block may be partial, so at most
+    cdiv(tokens, SEG_BLOCK) plus one per segment (a segment per token or per slot at most)."""
+    return -(-max_tokens // SEG_BLOCK) + min(max_tokens, max_slots)
+
 
 class StagedBuffer:
     """A device buffer with a pinned host twin, both allocated once.
@@ -61,6 +72,12 @@ class LoRAMeta:
     sorted_idx: torch.Tensor    # [max_tokens] int32, token indices grouped by slot (LoRA tokens first)
     seg_indptr: torch.Tensor    # [max_slots + 1] int32, segment i = sorted_idx[seg_indptr[i]:seg_indptr[i+1]]
     seg_slot: torch.Tensor      # [max_slots] int32, slot of segment i (-1 for unused segments)
+    # each segment cut into blocks of SEG_BLOCK sorted positions, in order: block g is sorted positions
+    # [blk_start[g], blk_end[g]) of slot blk_slot[g] (blk_end is the segment's end); start == end past them
+    blk_start: torch.Tensor     # [max_seg_blocks] int32
+    blk_end: torch.Tensor       # [max_seg_blocks] int32
+    blk_slot: torch.Tensor      # [max_seg_blocks] int32
+    blk_count: torch.Tensor     # [1] int32, the step's blocks
     num_tokens: int = 0         # tokens in this step (host side)
     slots: list[int] = field(default_factory=list)    # slot of each active segment (host side)
     staged: StagedBuffer | None = field(default=None, repr=False)
@@ -68,14 +85,19 @@ class LoRAMeta:
 
     @classmethod
     def allocate(cls, max_tokens: int, max_slots: int, device: torch.device | str) -> "LoRAMeta":
-        """The four tensors are views of one staged buffer, laid out
-        ``[seg_indptr | seg_slot | token_slot | sorted_idx]``, so a step moves them with one copy."""
-        staged = StagedBuffer(2 * max_slots + 1 + 2 * max_tokens, torch.int32, device)
-        d = staged.device
+        """The tensors are views of one staged buffer, laid out
+        ``[seg_indptr | seg_slot | token_slot | sorted_idx | blk_count | blk_start | blk_end | blk_slot]``,
+        so a step moves them with one copy."""
+        nb = max_seg_blocks(max_tokens, max_slots)
         seg = 2 * max_slots + 1
-        meta = cls(token_slot=d[seg: seg + max_tokens], sorted_idx=d[seg + max_tokens:],
-                   seg_indptr=d[: max_slots + 1], seg_slot=d[max_slots + 1: seg], staged=staged)
-        staged.put([0] * (max_slots + 1) + [-1] * (max_slots + max_tokens))
+        blk = seg + 2 * max_tokens + 1
+        staged = StagedBuffer(blk + 3 * nb, torch.int32, device)
+        d = staged.device
+        meta = cls(token_slot=d[seg: seg + max_tokens], sorted_idx=d[seg + max_tokens: blk - 1],
+                   seg_indptr=d[: max_slots + 1], seg_slot=d[max_slots + 1: seg], blk_start=d[blk: blk + nb],
+                   blk_end=d[blk + nb: blk + 2 * nb], blk_slot=d[blk + 2 * nb:], blk_count=d[blk - 1: blk],
+                   staged=staged)
+        staged.put([0] * (max_slots + 1) + [-1] * (max_slots + max_tokens), tail={blk - 1: [0] * (1 + 3 * nb)})
         return meta
 
     @property
@@ -121,8 +143,20 @@ class LoRAMeta:
             self._filled = list(token_slots)
             return self
         pad = max_slots - len(slots)
+        nb = self.blk_start.numel()
+        starts: list[int] = []
+        ends: list[int] = []
+        bslots: list[int] = []
+        for i, s in enumerate(slots):
+            lo, hi = indptr[i], indptr[i + 1]
+            starts.extend(range(lo, hi, SEG_BLOCK))
+            ends.extend([hi] * (len(starts) - len(ends)))
+            bslots.extend([s] * (len(starts) - len(bslots)))
+        rest = [0] * (nb - len(starts))
         # token_slot's unused tail goes along as it stands in the host twin (no kernel reads past the step)
+        blk = 2 * max_slots + 1 + 2 * max_tokens
         self.staged.put(indptr + [indptr[-1]] * pad + slots + [-1] * pad + token_slots,
-                        tail={2 * max_slots + 1 + max_tokens: order})
+                        tail={2 * max_slots + 1 + max_tokens: order,
+                              blk: [len(starts)] + starts + rest + ends + rest + bslots + rest})
         self._filled = list(token_slots)
         return self

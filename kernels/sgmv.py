@@ -19,11 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_meta import LoRAMeta
+from kernels.lora_meta import SEG_BLOCKS_MAX_SEGMENTS, LoRAMeta
 from kernels.mma import mma, native_dot
 from kernels.sgmv_tiles import MAX_SLICES, _column_tile, column_tiles
 from kernels.sgmv_decode import MAX_TOKENS as MAX_DECODE_TOKENS
-from kernels.sgmv_decode import lora_apply_decode, lora_apply_single, single_fits
+from kernels.sgmv_decode import lora_apply_blocks, lora_apply_decode, lora_apply_single, single_fits
+
+# Steps from MAX_DECODE_TOKENS up to this many tokens, with up to SEG_BLOCKS_MAX_SEGMENTS adapters, take the
+# segment-block kernels of sgmv_decode (a program per 16-token block of a segment); the others (prefill, a
+# segment per token) the block-walking kernels here. On the H100 (bench/NOTES-kernels.md v10) segment blocks
+# won every shape up to 512 tokens but one token per adapter at 256 and 512 tokens (gate_up at 256: 190 against
+# 151 us).
+SEG_BLOCKS_MAX_TOKENS = 512
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -213,9 +220,12 @@ def _check_expand_out(lora_b: torch.Tensor, ranks: torch.Tensor, scalings: torch
 
 def apply_path(num_tokens: int, num_segments: int, max_rank: int) -> str:
     """Which kernels ``lora_apply`` launches for a step: "segments" (several adapters, segment-major),
-    "single" (one adapter, when its tile fits) or "blocks" (the block-walking kernels here: larger steps)."""
-    if num_tokens > MAX_DECODE_TOKENS:
+    "single" (one adapter, when its tile fits), "seg_blocks" (a program per 16-token block of a segment:
+    steps past the decode kernels' size) or "blocks" (the block-walking kernels here: prefill)."""
+    if num_tokens > SEG_BLOCKS_MAX_TOKENS:
         return "blocks"
+    if num_tokens > MAX_DECODE_TOKENS:
+        return "seg_blocks" if num_segments <= SEG_BLOCKS_MAX_SEGMENTS else "blocks"
     if num_segments > 1:
         return "segments"
     return "single" if single_fits(num_tokens, max_rank) else "blocks"
@@ -228,8 +238,9 @@ def lora_apply(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     Shrink then expand. Steps of at most ``sgmv_decode.MAX_TOKENS`` tokens take
     the decode kernels of ``sgmv_decode``: the segment-major ones with several
     adapters, the one-adapter ones with one where their tile fits (neither zeroes
-    a buffer nor uses atomics); larger steps the block-walking kernels here
-    (bench/NOTES-kernels.md).
+    a buffer nor uses atomics); steps up to ``SEG_BLOCKS_MAX_TOKENS`` the segment-block
+    ones there, up to ``SEG_BLOCKS_MAX_SEGMENTS`` adapters; the others the block-walking
+    kernels here (bench/NOTES-kernels.md).
     The choice depends on the host-side ``meta.num_segments``: a captured graph
     holds one path, so the engine captures one graph per choice (worker/cuda_graphs.py).
     """
@@ -242,6 +253,8 @@ def lora_apply(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     offs = _check_expand_out(lora_b, ranks, scalings, out_offsets, meta, y, t)
     if lora_b.shape[:2] != (num_slots, max_rank) or len(offs) - 1 != n_slices:
         raise ValueError(f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} / {len(offs) - 1} slices disagree")
+    if path == "seg_blocks":
+        return lora_apply_blocks(x, y, lora_a, lora_b, ranks, scalings, offs, meta)
     if path == "single":
         return lora_apply_single(x, y, lora_a, lora_b, ranks, scalings, offs, meta)
     return lora_apply_decode(x, y, lora_a, lora_b, ranks, scalings, offs, meta)

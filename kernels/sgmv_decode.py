@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_meta import LoRAMeta
+from kernels.lora_meta import SEG_BLOCK, LoRAMeta, max_seg_blocks
 from kernels.mma import mma, native_dot
 from kernels.sgmv_tiles import _column_tile, column_tiles
 
@@ -152,6 +152,133 @@ def lora_apply_decode(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lo
         hp.stride(0), hp.stride(1), hp.stride(2), lora_b.stride(0), lora_b.stride(1), y.stride(0),
         n_slices, max_rank, o[0], o[1], o[2], o[3], tile_starts[0], tile_starts[1], tile_starts[2],
         SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=ieee, num_warps=4)
+    return y
+
+
+# ---- segment blocks ------------------------------------------------------------------------------------------
+# Larger steps with several adapters (a batch of 256 decodes over 16-50 adapters): the block-walking kernels of
+# sgmv.py give a program a block of the sorted tokens and loop over the segments inside it, so with many small
+# segments each program runs a dozen dependent iterations one after another (batch 256, 47 Zipf-skewed
+# adapters: 21.7 us a shrink on the H100, bench/NOTES-kernels.md v10), and they need a zeroed h (a memset) for
+# their atomics. Here every segment is cut into blocks of SEG_BLOCK sorted positions and every (block, slice,
+# K split) gets its own work: no loop over segments, stored partials (no memset, no atomics). The host lists
+# the blocks (``LoRAMeta.blk_*``); a program loads a block's bounds and slot, one round trip before the weights.
+# A captured graph fixes the grid, so it cannot follow the step's block count: programs along the block axis
+# (``block_programs``: two a 16-token block of the step) take blocks g, g + programs, ... up to the count. A grid
+# as large as the most blocks a step can have (``max_seg_blocks``: 272 at 256 tokens and 256 slots) left 240 of
+# 272 programs empty with 16 adapters, and cost 16 us an expand in the engine's step against 8.6 for the
+# block-walking kernels (bench/NOTES-kernels.md v10).
+
+
+@triton.jit
+def _seg_block(blk_start_ptr, blk_end_ptr, blk_slot_ptr, indptr_ptr, g, NUM_SEG: tl.constexpr):
+    """(slot, first sorted position, end of the segment) of block ``g`` (``LoRAMeta.blk_*``, filled on the
+    host); start >= end past the step's blocks. A step without LoRA rewrites only seg_indptr's last entry
+    (to 0), so the bounds are clamped to it."""
+    start = tl.load(blk_start_ptr + g)
+    end = tl.minimum(tl.load(blk_end_ptr + g), tl.load(indptr_ptr + NUM_SEG))
+    slot = tl.load(blk_slot_ptr + g).to(tl.int64)
+    return slot, start, end
+
+
+@triton.jit
+def _shrink_blocks_kernel(x_ptr, a_ptr, hp_ptr, sorted_ptr, indptr_ptr, blk_count_ptr, blk_start_ptr, blk_end_ptr,
+                          blk_slot_ptr, K, stride_xt, stride_as, stride_ai, stride_ar, stride_hp, stride_hi,
+                          stride_ht, max_rank, NUM_SEG: tl.constexpr, K_PER_PROG: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                          NATIVE: tl.constexpr, IEEE: tl.constexpr):
+    sl = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_r = tl.arange(0, BLOCK_R)
+    # A's rows up to max_rank, past the rank too (not waiting on it): they land in h's columns past the rank,
+    # which expand drops
+    r_in = offs_r < max_rank
+    for g in range(tl.program_id(0), tl.load(blk_count_ptr), tl.num_programs(0)):
+        slot, start, end = _seg_block(blk_start_ptr, blk_end_ptr, blk_slot_ptr, indptr_ptr, g, NUM_SEG)
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < end                             # none past the step's LoRA tokens
+        tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        a_base = a_ptr + slot * stride_as + sl * stride_ai + offs_r[:, None] * stride_ar
+        acc = _shrink_k_range(x_ptr, tok, row_ok, stride_xt, a_base, r_in, split * K_PER_PROG, K, K_PER_PROG,
+                              BLOCK_M, BLOCK_R, BLOCK_K, NATIVE, IEEE)
+        tl.store(hp_ptr + split * stride_hp + sl * stride_hi + rows[:, None] * stride_ht + offs_r[None, :], acc,
+                 mask=row_ok[:, None] & r_in[None, :])
+
+
+@triton.jit
+def _expand_blocks_kernel(hp_ptr, b_ptr, y_ptr, ranks_ptr, scal_ptr, sorted_ptr, indptr_ptr, blk_count_ptr,
+                          blk_start_ptr, blk_end_ptr, blk_slot_ptr, stride_hp, stride_hi, stride_ht, stride_bs,
+                          stride_br, stride_yt, n_slices, max_rank, O1, O2, O3, O4, T1, T2, T3,
+                          NUM_SEG: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    sl, cols, col_ok = _column_tile(tl.program_id(1), O1, O2, O3, O4, T1, T2, T3, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_in = offs_r < max_rank
+    for g in range(tl.program_id(0), tl.load(blk_count_ptr), tl.num_programs(0)):
+        slot, start, end = _seg_block(blk_start_ptr, blk_end_ptr, blk_slot_ptr, indptr_ptr, g, NUM_SEG)
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        # everything that waits on the slot alone goes out together; the rank only masks what came back
+        rank = tl.minimum(tl.load(ranks_ptr + slot * n_slices + sl), max_rank)
+        scale = tl.load(scal_ptr + slot * n_slices + sl)
+        bt = tl.load(b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + cols[None, :],
+                     mask=r_in[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        h_ptrs = hp_ptr + sl * stride_hi + rows[:, None] * stride_ht + offs_r[None, :]
+        h_mask = row_ok[:, None] & r_in[None, :]
+        h = tl.load(h_ptrs, mask=h_mask, other=0.0)
+        for p in tl.static_range(1, SPLIT_K):
+            h += tl.load(h_ptrs + p * stride_hp, mask=h_mask, other=0.0)
+        y_ptrs = y_ptr + tok[:, None] * stride_yt + cols[None, :]
+        y = tl.load(y_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        r_ok = offs_r < rank                             # past the rank: A's and B's unused rows (maybe NaN)
+        acc = mma(tl.where(r_ok[None, :], h, 0.0), tl.where(r_ok[:, None], bt, 0.0), False, IEEE)
+        # a slice of rank 0 leaves y as it was
+        tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty),
+                 mask=tl.where(rank > 0, row_ok, False)[:, None] & col_ok[None, :])   # (the interpreter cannot & a scalar in)
+
+
+def block_programs(num_tokens: int, max_blocks: int) -> int:
+    """Programs along the segment-block kernels' block axis: two a SEG_BLOCK of the step's tokens (a step of
+    16 adapters over 256 tokens has 32 blocks), at most one a block."""
+    return min(max_blocks, 2 * triton.cdiv(num_tokens, SEG_BLOCK))
+
+
+def lora_apply_blocks(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      ranks: torch.Tensor, scalings: torch.Tensor, out_offsets: tuple[int, ...], meta: LoRAMeta,
+                      *, split_k: int | None = None, block_n: int = 128) -> torch.Tensor:
+    """y += LoRA(x), the semantics of ``lora_apply_decode``, for a step of any size: a program per (segment
+    block, slice, K split) in shrink, per (segment block, column tile) in expand; in place, returns y.
+
+    Inputs are checked by the caller (``sgmv.lora_apply``).
+    """
+    t, k = x.shape
+    n_slices, max_rank, offs = lora_a.shape[1], lora_a.shape[2], tuple(int(o) for o in out_offsets)
+    if meta.no_lora or t == 0:
+        return y
+    num_seg = meta.seg_slot.numel()
+    blocks = block_programs(t, min(max_seg_blocks(t, num_seg), meta.blk_start.numel()))
+    block_r = max(16, triton.next_power_of_2(max_rank))
+    block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
+    if split_k is None:                                  # about 512 input features per program
+        split_k = max(1, triton.cdiv(k, 512))
+    k_per_prog = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_prog)
+    hp = torch.empty((split_k, n_slices, t, max_rank), dtype=torch.float32, device=x.device)
+    ieee = x.dtype == torch.float32
+    _shrink_blocks_kernel[(blocks, n_slices, split_k)](
+        x, lora_a, hp, meta.sorted_idx, meta.seg_indptr, meta.blk_count, meta.blk_start, meta.blk_end, meta.blk_slot,
+        k, x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        hp.stride(0), hp.stride(1), hp.stride(2), max_rank, NUM_SEG=num_seg,
+        K_PER_PROG=k_per_prog, BLOCK_M=SEG_BLOCK, BLOCK_R=block_r, BLOCK_K=block_k, NATIVE=native_dot(x.dtype),
+        IEEE=ieee, num_warps=4, num_stages=3)
+    o, tile_starts, num_tiles = column_tiles(offs, block_n)
+    _expand_blocks_kernel[(blocks, num_tiles)](
+        hp, lora_b, y, ranks, scalings, meta.sorted_idx, meta.seg_indptr, meta.blk_count, meta.blk_start,
+        meta.blk_end, meta.blk_slot, hp.stride(0), hp.stride(1), hp.stride(2), lora_b.stride(0), lora_b.stride(1), y.stride(0),
+        n_slices, max_rank, o[0], o[1], o[2], o[3], tile_starts[0], tile_starts[1], tile_starts[2],
+        NUM_SEG=num_seg, SPLIT_K=split_k, BLOCK_M=SEG_BLOCK, BLOCK_N=block_n, BLOCK_R=block_r,
+        IEEE=ieee, num_warps=4)
     return y
 
 

@@ -151,9 +151,32 @@ def test_meta_refill_skips_only_a_repeat(seed):
             assert int(meta.seg_indptr[-1]) == 0, slots
             continue
         for got, want in ((meta.seg_indptr, fresh.seg_indptr), (meta.seg_slot, fresh.seg_slot),
-                          (meta.token_slot[:n], fresh.token_slot[:n]), (meta.sorted_idx[:m], fresh.sorted_idx[:m])):
+                          (meta.token_slot[:n], fresh.token_slot[:n]), (meta.sorted_idx[:m], fresh.sorted_idx[:m]),
+                          (meta.blk_start, fresh.blk_start), (meta.blk_end, fresh.blk_end),
+                          (meta.blk_slot, fresh.blk_slot)):
             assert torch.equal(got, want), slots
     before = meta.token_slot.clone()
     meta.token_slot[0] = 99                  # not something a step does: shows that the repeat moved nothing
     meta.fill([2, 0, 0])
     assert int(meta.token_slot[0]) == 99 and torch.equal(meta.token_slot[1:], before[1:])
+
+
+def test_meta_segment_blocks():
+    """Each segment cut into blocks of SEG_BLOCK sorted positions, the last partial; past the step's blocks,
+    empty ones (start == end), also after a fill with more blocks."""
+    from kernels.lora_meta import SEG_BLOCK, max_seg_blocks
+    meta = LoRAMeta.allocate(40, 4, DEV)
+    assert meta.blk_start.numel() == max_seg_blocks(40, 4) == 3 + 4
+    meta.fill([3] * 20 + [1] * 17 + [-1, 0, 3])
+    lens = {1: 17, 0: 1, 3: 21}                  # segments in slot order: 0, 1, 3
+    want = []
+    at = 0
+    for slot in sorted(lens):
+        for b0 in range(0, lens[slot], SEG_BLOCK):
+            want.append((at + b0, at + lens[slot], slot))
+        at += lens[slot]
+    got = list(zip(meta.blk_start.tolist(), meta.blk_end.tolist(), meta.blk_slot.tolist()))
+    assert got[: len(want)] == want and all(s >= e for s, e, _ in got[len(want):])
+    meta.fill([2, 2])
+    got = list(zip(meta.blk_start.tolist(), meta.blk_end.tolist(), meta.blk_slot.tolist()))
+    assert got[0] == (0, 2, 2) and all(s >= e for s, e, _ in got[1:])

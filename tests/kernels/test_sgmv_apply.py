@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from kernels.lora_torch import lora_expand_ref, lora_shrink_ref
-from kernels.sgmv import lora_apply
-from kernels.sgmv_decode import MAX_TOKENS, lora_apply_decode, lora_apply_single
+from kernels.lora_meta import SEG_BLOCKS_MAX_SEGMENTS
+from kernels.sgmv import SEG_BLOCKS_MAX_TOKENS, lora_apply
+from kernels.sgmv_decode import MAX_TOKENS, lora_apply_blocks, lora_apply_decode, lora_apply_single
 from tests.kernels.test_sgmv import CUDA, DEV, LLAMA, TOL, make_case
 
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -41,7 +42,8 @@ def test_decode_one_token_per_adapter_with_k_split(dtype, seed, rel_err):
     check_apply(case, dtype, rel_err, split_k=3)
 
 
-@pytest.mark.parametrize("num_tokens", [1, MAX_TOKENS, MAX_TOKENS + 5])   # the last takes the general kernels
+# the last two take the segment-block kernels and the block-walking ones
+@pytest.mark.parametrize("num_tokens", [1, MAX_TOKENS, MAX_TOKENS + 5, SEG_BLOCKS_MAX_TOKENS + 3])
 def test_apply_dispatch_by_size(num_tokens, seed, rel_err):
     case = make_case(num_tokens, 48, [32], [[8], [16], [4]], max_rank=16, dtype=torch.float32, p_none=0.2)
     check_apply(case, torch.float32, rel_err)
@@ -91,9 +93,13 @@ def test_decode_llama_shapes_bf16(family, num_tokens, distinct, seed, rel_err):
 def test_apply_path_by_size_adapters_and_tile():
     from kernels.sgmv import apply_path
     assert apply_path(20, 1, 16) == "single" and apply_path(20, 2, 16) == "segments"
-    assert apply_path(MAX_TOKENS, 1, 32) == "single" and apply_path(MAX_TOKENS + 1, 1, 16) == "blocks"
+    assert apply_path(MAX_TOKENS, 1, 32) == "single" and apply_path(MAX_TOKENS + 1, 1, 16) == "seg_blocks"
     assert apply_path(MAX_TOKENS, 1, 64) == "blocks" and apply_path(32, 1, 64) == "single"   # the tile's size
-    assert apply_path(MAX_TOKENS + 1, 5, 16) == "blocks" and apply_path(MAX_TOKENS, 5, 128) == "segments"
+    assert apply_path(MAX_TOKENS + 1, 5, 16) == "seg_blocks" and apply_path(MAX_TOKENS, 5, 128) == "segments"
+    assert apply_path(SEG_BLOCKS_MAX_TOKENS, 5, 16) == "seg_blocks"
+    assert apply_path(SEG_BLOCKS_MAX_TOKENS + 1, 1, 16) == "blocks"
+    assert apply_path(256, SEG_BLOCKS_MAX_SEGMENTS, 16) == "seg_blocks"
+    assert apply_path(256, SEG_BLOCKS_MAX_SEGMENTS + 1, 16) == "blocks"
 
 
 def poison_past_rank(case):
@@ -167,4 +173,75 @@ def test_single_adapter_llama_shapes_bf16(family, num_tokens, max_rank, seed, re
     case = poison_past_rank(make_case(num_tokens, in_f, widths, ranks, max_rank=max_rank, dtype=torch.bfloat16,
                                       p_none=0.1, slots_used=[1], meta_slots=128))
     assert apply_path(num_tokens, case[6].num_segments, max_rank) == "single"
+    check_apply(case, torch.bfloat16, rel_err)
+
+
+def check_blocks(case, dtype, rel_err, **kw):
+    """lora_apply_blocks against the reference: rows without LoRA untouched, the delta and y close."""
+    x, a, b, ranks, scal, offs, meta, token_slots = case
+    y0 = torch.randn(x.shape[0], offs[-1], dtype=dtype, device=x.device)
+    y_ref = lora_expand_ref(lora_shrink_ref(x, a, ranks, meta), b, ranks, scal, offs, meta, y0.clone())
+    y = lora_apply_blocks(x, y0.clone(), a, b, ranks.to(x.device), scal.to(x.device), offs, meta, **kw)
+    no_lora = [t for t, s in enumerate(token_slots) if s < 0]
+    assert torch.equal(y[no_lora], y0[no_lora]), "tokens without LoRA were modified"
+    assert rel_err(y.double() - y0.double(), y_ref.double() - y0.double()) < TOL[dtype] * 4, "delta"
+    assert rel_err(y, y_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("num_tokens,split_k", [(5, 1), (40, 3), (MAX_TOKENS + 27, None)])
+def test_segment_blocks_skewed_mixed_ranks(dtype, num_tokens, split_k, seed, rel_err):
+    # one adapter takes most tokens (a segment over several blocks, the last partial), the others few; slices
+    # of odd widths with ranks from 0 to max_rank, NaN past each rank, rows without LoRA interleaved
+    ranks = [[8, 8, 8], [12, 5, 0], [0, 0, 0], [4, 16, 1], [16, 2, 9], [3, 3, 3]]
+    case = poison_past_rank(make_case(num_tokens, 300, [40, 24, 19], ranks, max_rank=16, dtype=dtype, p_none=0.2,
+                                      slots_used=[4] * 8 + [0, 1, 2, 3, 5]))
+    check_blocks(case, dtype, rel_err, split_k=split_k, block_n=16)
+
+
+def test_segment_blocks_one_token_per_adapter(seed, rel_err):
+    # every segment a single partial block, more segments than blocks of 16 tokens
+    ranks = [[r, (r * 3) % 20] for r in (8, 16, 4, 8, 0, 12, 16, 8, 2, 4, 6, 1)]
+    case = make_case(12, 200, [50, 30], ranks, max_rank=16, dtype=torch.float32, p_none=0.0, meta_slots=40)
+    case[6].fill(list(range(12)))
+    case = case[:7] + (list(range(12)),)
+    check_blocks(case, torch.float32, rel_err, split_k=2)
+
+
+def test_segment_blocks_skip_an_emptied_step(seed):
+    """After a fill without LoRA tokens only seg_indptr's last entry is rewritten (0): the entries before
+    it still describe the last step's segments, and the kernels must leave y alone."""
+    x, a, b, ranks, scal, offs, meta, _ = make_case(30, 40, [16, 8], [[8, 8], [4, 4]], max_rank=8,
+                                                    dtype=torch.float32, p_none=0.0)
+    meta.fill([-1] * 30)
+    slots = meta.slots
+    meta.slots = [0]                          # as the graph does: the launches happen, the device data says empty
+    try:
+        y = torch.randn(30, 24, device=DEV)
+        y0 = y.clone()
+        lora_apply_blocks(x, y, a, b, ranks.to(DEV), scal.to(DEV), offs, meta)
+    finally:
+        meta.slots = slots
+    assert torch.equal(y, y0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("family", list(LLAMA))
+@pytest.mark.parametrize("num_tokens,workload_", [(256, "identical"), (256, "uniform"), (256, "skewed"),
+                                                  (128, "distinct"), (200, "skewed"), (512, "uniform")])
+def test_segment_blocks_llama_shapes_bf16(family, num_tokens, workload_, seed, rel_err):
+    import random
+
+    from bench.engine import workload
+    from kernels.sgmv import apply_path
+    in_f, widths = LLAMA[family]
+    token_slots = workload(workload_, num_tokens, random.Random(int(torch.randint(0, 1 << 30, ()))))
+    slots = max(token_slots) + 1
+    ranks = [[[8, 16, 64][(s + i) % 3] if (s + i) % 7 else 0 for i in range(len(widths))] for s in range(slots)]
+    case = poison_past_rank(make_case(num_tokens, in_f, widths, ranks, max_rank=64, dtype=torch.bfloat16,
+                                      p_none=0.0, meta_slots=slots + 2))
+    case[6].fill(token_slots)
+    case = case[:7] + (token_slots,)
+    assert apply_path(num_tokens, case[6].num_segments, 64) == "seg_blocks"
     check_apply(case, torch.bfloat16, rel_err)
