@@ -32,7 +32,9 @@ Rotary and SiLU-mul run, for a step of few adapters, one program per (head or co
 tile, segment): the segment's B tiles load once and multiply on tensor cores, and the
 program stores its own rows only (segment 0 also takes the rows without LoRA). With
 many adapters (``SEGMENTS_MAX``) one program a head or tile does every row, each row
-gathering its own adapter's B rank by rank.
+gathering its own adapter's B rank by rank. Steps of more than ``MANY_TOKENS`` tokens
+(a batch of 256 decodes on one adapter) take one adapter only, in blocks of
+``ROW_BLOCK`` rows a program: a program per segment would load every row of the step.
 
 Semantics (``kernels/fused_lora_torch.py``) are those of the unfused path: the
 expanded projection output is rounded to the model dtype before the op that
@@ -51,7 +53,9 @@ from kernels.fused import check_norm_args, rms_norm_loaded_row
 from kernels.lora_meta import LoRAMeta
 from kernels.mma import mma, native_dot
 
-MAX_TOKENS = 64
+MAX_TOKENS = 256          # tokens a step may have
+MANY_TOKENS = 64          # past this, one adapter only: programs per segment would each read the whole step
+ROW_BLOCK = 64            # rows a rotary or SiLU-mul program takes (program_id 2 walks the step's blocks)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tuned on the H100)
 SILU_SEGMENTS = (64, 2)  # SiLU-mul (columns a program, warps), a program per segment (tuned on the H100)
@@ -226,10 +230,10 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
                         IEEE: tl.constexpr):
     """One head (program_id 0: q heads, then k heads, then v heads) of one segment's rows (program_id 1),
-    or, ROWS, of every row."""
+    or, ROWS, of every row, in one block of BLOCK_M rows (program_id 2)."""
     hh = tl.program_id(0)
     sl = (hh >= HQ).to(tl.int32) + (hh >= HQ + HK).to(tl.int32)
-    rows = tl.arange(0, BLOCK_M)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     d = tl.arange(0, HALF_P2)
     dm = d < HALF
@@ -279,8 +283,9 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr,
                           stride_hgs, stride_bgs, stride_bgr, stride_as, stride_ar, stride_hdp, stride_hdt,
                           BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr,
                           SPLIT: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
-    """One column tile (program_id 0) of one segment's rows (program_id 1), or, ROWS, of every row."""
-    rows = tl.arange(0, BLOCK_M)
+    """One column tile (program_id 0) of one segment's rows (program_id 1), or, ROWS, of every row, in one
+    block of BLOCK_M rows (program_id 2)."""
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < n
@@ -365,6 +370,9 @@ def _check_h(name: str, h: torch.Tensor, parts: int | None, t: int, fam, tail_po
 def _check_meta(meta: LoRAMeta, t: int) -> None:
     if t > MAX_TOKENS:
         raise ValueError(f"fused LoRA takes at most {MAX_TOKENS} tokens a step, got {t}")
+    if t > MANY_TOKENS and meta.num_segments > 1:
+        raise ValueError(f"fused LoRA takes one adapter in a step of more than {MANY_TOKENS} tokens, got "
+                         f"{meta.num_segments} adapters in {t} tokens")
     if meta.token_slot.numel() < t or meta.token_slot.dtype != torch.int32:
         raise ValueError(f"the LoRA metadata holds {meta.token_slot.numel()} tokens, the step {t}")
 
@@ -381,6 +389,10 @@ def _segments(meta: LoRAMeta, h: torch.Tensor, most: int) -> int:
 
 def _block_r(fam) -> int:
     return triton.next_power_of_2(fam.lora_a.shape[2])
+
+
+def _block_m(t: int) -> int:
+    return min(ROW_BLOCK, max(16, triton.next_power_of_2(t)))
 
 
 def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, meta: LoRAMeta,
@@ -431,11 +443,11 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
         raise ValueError(f"positions must be [{t}], got {tuple(positions.shape)}")
     segs = _segments(meta, h, segments_max)
     if t:
-        _rotary_lora_kernel[(heads, max(segs, 1))](
+        _rotary_lora_kernel[(heads, max(segs, 1), triton.cdiv(t, _block_m(t)))](
             qkv, cos, sin, positions, meta.token_slot, meta.seg_slot, tail_pos, h, fam.lora_b, fam.ranks,
             fam.scalings, t, h.shape[2], qkv.stride(0), cos.stride(0), h.stride(1), h.stride(2), h.stride(3),
             *fam.lora_b.stride()[:2], HQ=num_heads, HK=num_kv_heads, HALF=dim // 2,
-            HALF_P2=max(16, triton.next_power_of_2(dim // 2)), BLOCK_M=max(16, triton.next_power_of_2(t)),
+            HALF_P2=max(16, triton.next_power_of_2(dim // 2)), BLOCK_M=_block_m(t),
             BLOCK_R=max(16, _block_r(fam)), ROWS=segs == 0, SPLIT=segs > 1,
             IEEE=not native_dot(qkv.dtype), num_warps=num_warps, num_stages=3)
 
@@ -462,12 +474,12 @@ def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     h_down = torch.empty((tiles, t, block_r), dtype=torch.float32, device=gate_up.device)
     if t:
-        _silu_mul_lora_kernel[(tiles, max(segs, 1))](
+        _silu_mul_lora_kernel[(tiles, max(segs, 1), triton.cdiv(t, _block_m(t)))](
             gate_up, out, meta.token_slot, meta.seg_slot, tail_pos, h_gate_up, gate_up_fam.lora_b, gate_up_fam.ranks,
             gate_up_fam.scalings, down_fam.lora_a, down_fam.ranks, h_down, t, n, h_gate_up.shape[2], gate_up.stride(0), out.stride(0),
             *h_gate_up.stride()[1:4], *gate_up_fam.lora_b.stride()[:2], down_fam.lora_a.stride(0),
             down_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1),
-            BLOCK_M=max(16, triton.next_power_of_2(t)), BN=block_n, BLOCK_R=block_r, ROWS=segs == 0,
+            BLOCK_M=_block_m(t), BN=block_n, BLOCK_R=block_r, ROWS=segs == 0,
             SPLIT=segs > 1, NATIVE=native_dot(gate_up.dtype),
             IEEE=not native_dot(gate_up.dtype), num_warps=num_warps)
     return out, h_down.as_strided((tiles, t, 1, 1, block_r), (h_down.stride(0), h_down.stride(1), 0, block_r, 1))

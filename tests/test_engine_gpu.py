@@ -1,6 +1,8 @@
 """The engine on CUDA with the Triton kernels and CUDA graphs (runs on the lent GPU; skipped on CPU)."""
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -67,3 +69,28 @@ def test_seeded_sampling_on_gpu(tiny):
     a = engine.generate(["the quick brown fox"], "ad0", p)[0].token_ids
     b = engine.generate(["the quick brown fox", "SELECT"], ["ad0", "ad1"], p)[0].token_ids
     assert a == b
+
+
+def test_wide_decode_graphs_match_peft(tiny):
+    """Decode batches past 64 requests, from graphs: one adapter rides in the step's kernels in blocks of rows
+    (bucket 160), a few adapters take the SGMV segment-block kernels, more than SEG_BLOCKS_MAX_SEGMENTS (the
+    tiny adapters under 132 names) the block-walking ones."""
+    from kernels.lora_meta import SEG_BLOCKS_MAX_SEGMENTS
+    model_dir, adapters = tiny
+    n = 150
+    engine = Engine(model_dir, device="cuda", dtype=torch.float32, num_blocks=1024, max_num_seqs=n,
+                    max_num_batched_tokens=4096, max_loras=SEG_BLOCKS_MAX_SEGMENTS + 8)
+    files = list(adapters.items())
+    for i in range(SEG_BLOCKS_MAX_SEGMENTS + 4):
+        engine.add_adapter(f"x{i}", files[i % len(files)][1])
+    aliases = {f"x{i}": files[i % len(files)][0] for i in range(SEG_BLOCKS_MAX_SEGMENTS + 4)}
+    rng = random.Random(21)
+    prompts = [[rng.randrange(3, 380) for _ in range(rng.randrange(3, 20))] for _ in range(n)]
+    ref = HFReference(*tiny)
+    for names in (["x0"] * n, [f"x{i % 3}" if i % 5 else None for i in range(n)],
+                  [f"x{i % (SEG_BLOCKS_MAX_SEGMENTS + 4)}" for i in range(n)]):
+        outs = engine.generate(prompts, names, GREEDY)
+        check_against_reference(ref, prompts[::7], [aliases.get(a) for a in names[::7]], outs[::7])
+    assert engine.graphs is not None
+    modes = {mode for (bucket, mode) in engine.graphs.graphs if bucket >= 150}
+    assert {("fused", 1), "multi", "many"} <= modes

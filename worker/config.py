@@ -30,10 +30,11 @@ class EngineConfig:
     host_cache_bytes: int = 8 << 30     # adapters kept in host memory (LRU); the rest reload from disk
     pinned_host_bytes: int = 1 << 30    # of which page-locked once at start-up (CUDA), for stall-free loads
     cuda_graphs: bool = True            # replay decode steps from captured graphs (CUDA only)
-    fused_lora_tokens: int = 64         # steps of at most this many tokens fold LoRA (any number of adapters)
-                                        # into the base GEMMs and the norm, rotary and SiLU-mul kernels (Triton
-                                        # backends only; costs min(max_loras, this) adapters' A rows of extra
-                                        # weight memory); 0 = always separate SGMV
+    fused_lora_tokens: int = 256        # steps of at most this many tokens fold LoRA into the base GEMMs and
+                                        # the norm, rotary and SiLU-mul kernels (Triton backends only), steps
+                                        # of up to 64 tokens with any number of adapters, larger ones with
+                                        # one; costs min(max_loras, this, 64) adapters' A rows of extra weight
+                                        # memory; 0 = always separate SGMV
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):

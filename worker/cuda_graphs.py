@@ -2,10 +2,11 @@
 
 A decode step launches a few hundred small kernels; replaying them as one
 graph removes the launch gaps. Each bucket is captured once per LoRA mode (a
-graph holds only what it captured): no LoRA; for buckets on the fused-LoRA path
+graph holds only what it captured): no LoRA; for steps on the fused-LoRA path
 (LoRA inside the step's own kernels), once per number of tail positions its GEMMs
-read (``LlamaModel.tail_buckets``); above it, one adapter and several adapters
-(the SGMV wrapper picks different kernels for the two).
+read (``LlamaModel.tail_buckets``); for the others (more tokens, or several adapters
+past ``fused_lora.MANY_TOKENS`` tokens), one adapter, several, and more than
+``SEG_BLOCKS_MAX_SEGMENTS`` (the SGMV wrapper picks different kernels for each).
 A batch is padded up to its bucket: padded rows read and write only the KV
 cache's scratch block and carry no adapter, and their logits are dropped.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.lora_meta import SEG_BLOCKS_MAX_SEGMENTS
 from worker.kv_cache import KVCache
 from worker.step_inputs import StepBuffers, StepInputs
 
@@ -39,10 +41,15 @@ class DecodeGraphs:
         if not self.with_lora:
             return modes
         if n <= self.model.fused_lora_tokens:
-            return modes + [(("fused", k), [i % k for i in range(n)]) for k in self.model.tail_buckets(n)]
-        modes.append(("single", [0] * n))
-        if n > 1 and self.buffers.lora.seg_slot.numel() >= 2:   # one token or one LoRA slot: never two adapters
+            modes += [(("fused", k), [i % k for i in range(n)]) for k in self.model.tail_buckets(n)]
+        else:
+            modes.append(("single", [0] * n))
+        # one token or one LoRA slot: never two adapters
+        if n > 1 and self.buffers.lora.seg_slot.numel() >= 2 and not self.model.fuses(n, 2):
             modes.append(("multi", [i % 2 for i in range(n)]))
+        many = SEG_BLOCKS_MAX_SEGMENTS + 1
+        if n >= many and self.buffers.lora.seg_slot.numel() >= many:
+            modes.append(("many", [i % many for i in range(n)]))
         return modes
 
     def mode(self, inputs: StepInputs) -> str | tuple[str, int]:
@@ -51,7 +58,9 @@ class DecodeGraphs:
             return "none"
         if self.model.fused_path(inputs):
             return "fused", self.model.tail_bucket(k, n)
-        return "single" if k == 1 else "multi"
+        if k == 1:
+            return "single"
+        return "multi" if k <= SEG_BLOCKS_MAX_SEGMENTS else "many"
 
     @torch.inference_mode()
     def capture(self, progress=None) -> None:

@@ -70,3 +70,27 @@ def test_fused_path_restages_a_reloaded_slot(tiny):
         tokens, lps = ref.greedy(prompt, name, 2)
         assert out.token_ids == tokens, name
         assert max(abs(x.logprob - y) for x, y in zip(out.logprobs, lps)) < 1e-4, name
+
+
+def test_steps_past_64_tokens(tiny):
+    """Prefill steps of more than 64 tokens: one adapter rides in the step's kernels, in blocks of rows; two
+    take the SGMV segment-block kernels."""
+    from kernels.sgmv import apply_path
+    model_dir, adapters = tiny
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = Engine(model_dir, device=device, lora_backend="triton", attention_backend="triton", cuda_graphs=False,
+                    max_num_batched_tokens=160, fused_lora_tokens=256, num_blocks=64)
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+    ref = HFReference(model_dir, adapters)
+    params = SamplingParams(max_tokens=2, temperature=0.0, logprobs=1, ignore_eos=True)
+    gen = torch.Generator().manual_seed(0)
+    long, a, b = (torch.randint(3, 100, (n,), generator=gen).tolist() for n in (90, 45, 40))
+    assert engine.model.fuses(90, 1) and not engine.model.fuses(85, 2)
+    assert apply_path(85, 2, engine.config.max_lora_rank) == "seg_blocks"
+    for prompts, names in (([long], ["ad0"]), ([a, b], ["ad0", "ad3"])):
+        outs = engine.generate(prompts, names, params)
+        for prompt, name, out in zip(prompts, names, outs):
+            tokens, lps = ref.greedy(prompt, name, 2)
+            assert out.token_ids == tokens, names
+            assert max(abs(x.logprob - y) for x, y in zip(out.logprobs, lps)) < 1e-4, names

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_lora import LoRATails, LoRAWeights, norm_lora, rotary_lora_, silu_mul_lora
+from kernels.fused_lora import MANY_TOKENS, MAX_TOKENS, LoRATails, LoRAWeights, norm_lora, rotary_lora_, silu_mul_lora
 from kernels.fused_lora_torch import norm_lora_ref, rotary_lora_ref, shrink_ref, silu_mul_lora_ref
 from kernels.lora_meta import LoRAMeta
 
@@ -166,6 +166,32 @@ def test_silu_mul_lora(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter,
     assert rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grid", GRIDS)
+def test_one_adapter_in_row_blocks(seed, rel_err, dtype, grid):
+    """Past MANY_TOKENS (one adapter only), rotary and SiLU-mul take the step in blocks of rows: the last block
+    partial, rows without LoRA in every block."""
+    hidden, hq, hk, d, inter, _ = SHAPES[0]
+    t = MANY_TOKENS + 7 if not CUDA else MAX_TOKENS
+    max_rank = RANKS[-1]
+    mix, meta, tail_pos, tail_pos_dev = token_mix(t, 1)
+    f = family(hidden, [hq * d, hk * d, hk * d], ranks_for(3, max_rank), max_rank, dtype)
+    qkv, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f, mix, tail_pos, f.lora_b.shape[2])
+    cos, sin, max_pos = rotary_tables(d, dtype)
+    pos = torch.randint(0, max_pos, (t,), device=DEV)
+    ref = rotary_lora_ref(qkv.clone(), ref_h, f, cos, sin, pos, mix, hq, hk, tail_pos)
+    rotary_lora_(qkv, h, f, cos, sin, pos, meta, hq, hk, tail_pos_dev, segments_max=GRIDS[grid])
+    assert rel_err(qkv, ref) <= TOL[dtype] * 2
+    f_gu = family(hidden, [inter, inter], ranks_for(2, max_rank), max_rank, dtype)
+    f_d = family(inter, [hidden], ranks_for(1, max_rank), max_rank, dtype)
+    gu, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_gu, mix, tail_pos, 2 * inter)
+    ref_gu = gu.clone()
+    act, parts = silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev, segments_max=GRIDS[grid])
+    ref_act, ref_hd = silu_mul_lora_ref(ref_gu, mix, expand=(ref_h, f_gu), shrink=f_d, tail_pos=tail_pos)
+    assert rel_err(act, ref_act) <= TOL[dtype] * 2
+    assert rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
+
+
 @pytest.mark.parametrize("pad", [64, 128])
 def test_tails_hold_the_base_weight_and_several_adapters(seed, rel_err, pad):
     n_out, n_in, t, r = 40, 24, 3, 8
@@ -199,9 +225,15 @@ def test_bad_inputs(seed):
     x = torch.randn(3, 16, device=DEV)
     w = torch.ones(16, device=DEV)
     h = torch.zeros(1, 3, 2, 1, 4, device=DEV)
+    big = MAX_TOKENS + 1
     with pytest.raises(ValueError, match="at most"):
-        norm_lora(torch.randn(65, 16, device=DEV), None, w, 1e-6, LoRAMeta.allocate(70, 2, DEV).fill([0] * 65),
-                  torch.zeros(1, 65, 1, 1, 4, device=DEV), f, tail_pos)
+        norm_lora(torch.randn(big, 16, device=DEV), None, w, 1e-6, LoRAMeta.allocate(big, 2, DEV).fill([0] * big),
+                  torch.zeros(1, big, 1, 1, 4, device=DEV), f, tail_pos)
+    many = MANY_TOKENS + 1
+    with pytest.raises(ValueError, match="one adapter in a step of more than"):
+        norm_lora(torch.randn(many, 16, device=DEV), None, w, 1e-6,
+                  LoRAMeta.allocate(many, 3, DEV).fill([0, 1] * (many // 2) + [0]),
+                  torch.zeros(1, many, 2, 1, 4, device=DEV), f, tail_pos)
     with pytest.raises(ValueError, match="h must be"):
         norm_lora(x, None, w, 1e-6, meta, torch.zeros(1, 3, 4, device=DEV), f, tail_pos)
     with pytest.raises(ValueError, match="needs tail_pos"):

@@ -21,26 +21,27 @@ TAIL_PAD = {"qkv": 64, "o": 64, "gate_up": 128}
 
 
 class LlamaModel:
-    """The forward pass; LoRA goes through ``lora.apply(x, y, layer, family, meta)`` (the segment-major
-    SGMV kernels), or, for steps of at most ``fused_lora_tokens`` tokens, rides in the qkv, o and gate_up
-    GEMMs and the norm, rotary and SiLU-mul kernels (``kernels/fused_lora.py``: no LoRA launch at all;
-    bench/NOTES-kernels.md)."""
+    """The forward pass; LoRA goes through ``lora.apply(x, y, layer, family, meta)`` (the SGMV kernels),
+    or, for steps of at most ``fused_lora_tokens`` tokens (past ``fused_lora.MANY_TOKENS`` of them, with
+    one adapter), rides in the qkv, o and gate_up GEMMs and the norm, rotary and SiLU-mul kernels
+    (``kernels/fused_lora.py``: no LoRA launch at all; bench/NOTES-kernels.md)."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, ops, lora, fused_lora_tokens: int = 0):
         self.cfg = cfg
         self.w = weights
         self.ops = ops            # attention, norms, rotary, SiLU-mul (torch references or Triton)
         self.lora = lora          # AdapterSlots: the LoRA weights resident for this step
-        self.fused_lora_tokens = 0
+        self.fused_lora_tokens = self.many_tokens = 0
         if fused_lora_tokens:
             from kernels import fused_lora          # Triton: imported only where it runs
             self.fused = fused_lora
             self.fused_lora_tokens = min(fused_lora_tokens, fused_lora.MAX_TOKENS)
+            self.many_tokens = min(self.fused_lora_tokens, fused_lora.MANY_TOKENS)   # steps of several adapters
             # qkv, o and gate_up get room under them for the A rows of a step's adapters (one position each,
             # at most one adapter a token); the layers keep views of the base part, so the other paths read
             # exactly the weights they read before (one layer at a time: the copy being made is the only
             # extra memory)
-            self.tail_positions = min(lora.num_slots, self.fused_lora_tokens)
+            self.tail_positions = min(lora.num_slots, self.many_tokens)
             self.tails = {f: fused_lora.LoRATails(n, lora.max_rank, self.tail_positions, TAIL_PAD[f])
                           for f, n in (("qkv", 3), ("o", 1), ("gate_up", 2))}
             for w in weights.layers:
@@ -92,8 +93,13 @@ class LlamaModel:
         return h
 
     def fused_path(self, s: StepInputs) -> bool:
-        """Whether this step's LoRA rides in the step's own kernels (few tokens, at least one adapter)."""
-        return s.input_ids.shape[0] <= self.fused_lora_tokens and s.lora.num_segments >= 1
+        """Whether this step's LoRA rides in the step's own kernels: at least one adapter, and few tokens
+        or, up to ``fused_lora_tokens``, one adapter."""
+        return self.fuses(s.input_ids.shape[0], s.lora.num_segments)
+
+    def fuses(self, tokens: int, adapters: int) -> bool:
+        """``fused_path`` for a step of ``tokens`` tokens over ``adapters`` adapters."""
+        return tokens <= self.fused_lora_tokens and (adapters == 1 or (adapters > 1 and tokens <= self.many_tokens))
 
     def tail_bucket(self, adapters: int, tokens: int) -> int:
         """Positions the GEMMs of a fused step read: its adapters rounded up to a power of two, but no more
@@ -103,7 +109,8 @@ class LlamaModel:
 
     def tail_buckets(self, tokens: int) -> list[int]:
         """Every ``tail_bucket`` a step of ``tokens`` tokens can have."""
-        return sorted({self.tail_bucket(k, tokens) for k in range(1, min(tokens, self.tail_positions) + 1)})
+        most = min(tokens, self.tail_positions) if tokens <= self.many_tokens else 1
+        return sorted({self.tail_bucket(k, tokens) for k in range(1, most + 1)})
 
     def stage_lora(self, s: StepInputs) -> None:
         """Put the A rows (q/k/v, o, gate/up) of the step's adapters under the base weights, at positions
