@@ -27,9 +27,9 @@ from kernels.sgmv_decode import lora_apply_blocks, lora_apply_decode, lora_apply
 
 # Steps from MAX_DECODE_TOKENS up to this many tokens, with up to SEG_BLOCKS_MAX_SEGMENTS adapters, take the
 # segment-block kernels of sgmv_decode (a program per 16-token block of a segment); the others (prefill, a
-# segment per token) the block-walking kernels here. On the H100 (bench/NOTES-kernels.md v10) segment blocks
-# won every shape up to 512 tokens but one token per adapter at 256 and 512 tokens (gate_up at 256: 190 against
-# 151 us).
+# segment per token) the block-walking kernels here. On the H100 (bench/NOTES-kernels.md v10) they took the
+# engine's batch-256 Skewed step (47 adapters) from 52.7% over base to 38.9% and left Uniform (16) where it was
+# (19.8%, 20.9%); with one token per adapter they lose (gate_up at 256 tokens: 190 against 151 us).
 SEG_BLOCKS_MAX_TOKENS = 512
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
