@@ -1,5 +1,7 @@
 """lora_apply (shrink + expand in one call; the segment-major decode kernels for small steps) against the
 torch reference."""
+from functools import partial
+
 import pytest
 import torch
 
@@ -12,20 +14,38 @@ from tests.kernels.test_sgmv import CUDA, DEV, LLAMA, TOL, make_case
 CPU_DTYPES = [torch.float32, torch.float16]
 
 
-def check_apply(case, dtype, rel_err, split_k=None):
+def check_apply(case, dtype, rel_err, run=None):
+    """``run(x, y, a, b, ranks, scalings, offsets, meta)`` (default ``lora_apply``, which must return y) against
+    the reference: rows without LoRA untouched, the delta and y close."""
     x, a, b, ranks, scal, out_offsets, meta, token_slots = case
     y0 = torch.randn(x.shape[0], out_offsets[-1], dtype=dtype, device=x.device)
     h_ref = lora_shrink_ref(x, a, ranks, meta)
     y_ref = lora_expand_ref(h_ref, b, ranks, scal, out_offsets, meta, y0.clone())
     y = y0.clone()
-    if split_k is None:
+    if run is None:
         assert lora_apply(x, y, a, b, ranks.to(x.device), scal.to(x.device), out_offsets, meta) is y
     else:
-        lora_apply_decode(x, y, a, b, ranks.to(x.device), scal.to(x.device), out_offsets, meta, split_k=split_k)
+        run(x, y, a, b, ranks.to(x.device), scal.to(x.device), out_offsets, meta)
     no_lora = [t for t, s in enumerate(token_slots) if s < 0]
     assert torch.equal(y[no_lora], y0[no_lora]), "tokens without LoRA were modified"
     assert rel_err(y.double() - y0.double(), y_ref.double() - y0.double()) < TOL[dtype] * 4, "delta"
     assert rel_err(y, y_ref) < TOL[dtype]
+
+
+def check_emptied_step(case, run):
+    """A captured graph replays the launches whatever the step: after a fill without LoRA tokens (only
+    seg_indptr's last entry rewritten, to 0) ``run`` must leave y alone."""
+    x, a, b, ranks, scal, offs, meta, _ = case
+    meta.fill([-1] * x.shape[0])
+    slots = meta.slots
+    meta.slots = [0]                          # as the graph does: the launches happen, the device data says empty
+    try:
+        y = torch.randn(x.shape[0], offs[-1], device=DEV)
+        y0 = y.clone()
+        run(x, y, a, b, ranks.to(DEV), scal.to(DEV), offs, meta)
+    finally:
+        meta.slots = slots
+    assert torch.equal(y, y0)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -39,7 +59,7 @@ def test_decode_one_token_per_adapter_with_k_split(dtype, seed, rel_err):
     ranks = [[r, (r * 3) % 20] for r in (8, 16, 4, 8, 0, 12, 16, 8, 2, 4, 6, 1)]
     case = make_case(13, 300, [50, 30], ranks, max_rank=16, dtype=dtype, p_none=0.15,
                      slots_used=list(range(12)))
-    check_apply(case, dtype, rel_err, split_k=3)
+    check_apply(case, dtype, rel_err, run=partial(lora_apply_decode, split_k=3))
 
 
 # the last two take the segment-block kernels and the block-walking ones
@@ -122,33 +142,12 @@ def test_single_adapter_kernels(dtype, num_tokens, split_k, seed, rel_err):
     case = poison_past_rank(make_case(num_tokens, 300, [40, 24, 19], ranks, max_rank=16, dtype=dtype,
                                       p_none=0.3, slots_used=[slot] if slot != 2 else [1]))
     assert case[6].num_segments == 1
-    if split_k is None:
-        check_apply(case, dtype, rel_err)
-    else:
-        x, a, b, r, scal, offs, meta, token_slots = case
-        y0 = torch.randn(num_tokens, offs[-1], dtype=dtype, device=DEV)
-        y_ref = lora_expand_ref(lora_shrink_ref(x, a, r, meta), b, r, scal, offs, meta, y0.clone())
-        y = lora_apply_single(x, y0.clone(), a, b, r.to(DEV), scal.to(DEV), offs, meta, split_k=split_k)
-        no_lora = [t for t, s in enumerate(token_slots) if s < 0]
-        assert torch.equal(y[no_lora], y0[no_lora]), "tokens without LoRA were modified"
-        assert rel_err(y.double() - y0.double(), y_ref.double() - y0.double()) < TOL[dtype] * 4, "delta"
+    check_apply(case, dtype, rel_err, run=None if split_k is None else partial(lora_apply_single, split_k=split_k))
 
 
 def test_single_adapter_kernels_skip_an_emptied_step(seed):
-    """A captured graph replays the launches whatever the step: after a fill without LoRA tokens
-    (seg_indptr's last entry 0, seg_slot left as it was) the kernels must leave y alone."""
-    x, a, b, ranks, scal, offs, meta, _ = make_case(9, 40, [16, 8], [[8, 8]], max_rank=8, dtype=torch.float32,
-                                                    p_none=0.0)
-    meta.fill([-1] * 9)
-    slots = meta.slots
-    meta.slots = [0]                          # as the graph does: the launches happen, the device data says empty
-    try:
-        y = torch.randn(9, 24, device=DEV)
-        y0 = y.clone()
-        lora_apply_single(x, y, a, b, ranks.to(DEV), scal.to(DEV), offs, meta)
-    finally:
-        meta.slots = slots
-    assert torch.equal(y, y0)
+    check_emptied_step(make_case(9, 40, [16, 8], [[8, 8]], max_rank=8, dtype=torch.float32, p_none=0.0),
+                       lora_apply_single)
 
 
 def test_single_adapter_kernels_refuse_several_segments(seed):
@@ -176,18 +175,6 @@ def test_single_adapter_llama_shapes_bf16(family, num_tokens, max_rank, seed, re
     check_apply(case, torch.bfloat16, rel_err)
 
 
-def check_blocks(case, dtype, rel_err, **kw):
-    """lora_apply_blocks against the reference: rows without LoRA untouched, the delta and y close."""
-    x, a, b, ranks, scal, offs, meta, token_slots = case
-    y0 = torch.randn(x.shape[0], offs[-1], dtype=dtype, device=x.device)
-    y_ref = lora_expand_ref(lora_shrink_ref(x, a, ranks, meta), b, ranks, scal, offs, meta, y0.clone())
-    y = lora_apply_blocks(x, y0.clone(), a, b, ranks.to(x.device), scal.to(x.device), offs, meta, **kw)
-    no_lora = [t for t, s in enumerate(token_slots) if s < 0]
-    assert torch.equal(y[no_lora], y0[no_lora]), "tokens without LoRA were modified"
-    assert rel_err(y.double() - y0.double(), y_ref.double() - y0.double()) < TOL[dtype] * 4, "delta"
-    assert rel_err(y, y_ref) < TOL[dtype]
-
-
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("num_tokens,split_k", [(5, 1), (40, 3), (MAX_TOKENS + 27, None)])
 def test_segment_blocks_skewed_mixed_ranks(dtype, num_tokens, split_k, seed, rel_err):
@@ -196,7 +183,7 @@ def test_segment_blocks_skewed_mixed_ranks(dtype, num_tokens, split_k, seed, rel
     ranks = [[8, 8, 8], [12, 5, 0], [0, 0, 0], [4, 16, 1], [16, 2, 9], [3, 3, 3]]
     case = poison_past_rank(make_case(num_tokens, 300, [40, 24, 19], ranks, max_rank=16, dtype=dtype, p_none=0.2,
                                       slots_used=[4] * 8 + [0, 1, 2, 3, 5]))
-    check_blocks(case, dtype, rel_err, split_k=split_k, block_n=16)
+    check_apply(case, dtype, rel_err, run=partial(lora_apply_blocks, split_k=split_k, block_n=16))
 
 
 def test_segment_blocks_one_token_per_adapter(seed, rel_err):
@@ -205,24 +192,14 @@ def test_segment_blocks_one_token_per_adapter(seed, rel_err):
     case = make_case(12, 200, [50, 30], ranks, max_rank=16, dtype=torch.float32, p_none=0.0, meta_slots=40)
     case[6].fill(list(range(12)))
     case = case[:7] + (list(range(12)),)
-    check_blocks(case, torch.float32, rel_err, split_k=2)
+    check_apply(case, torch.float32, rel_err, run=partial(lora_apply_blocks, split_k=2))
 
 
 def test_segment_blocks_skip_an_emptied_step(seed):
-    """After a fill without LoRA tokens only seg_indptr's last entry is rewritten (0): the entries before
-    it still describe the last step's segments, and the kernels must leave y alone."""
-    x, a, b, ranks, scal, offs, meta, _ = make_case(30, 40, [16, 8], [[8, 8], [4, 4]], max_rank=8,
-                                                    dtype=torch.float32, p_none=0.0)
-    meta.fill([-1] * 30)
-    slots = meta.slots
-    meta.slots = [0]                          # as the graph does: the launches happen, the device data says empty
-    try:
-        y = torch.randn(30, 24, device=DEV)
-        y0 = y.clone()
-        lora_apply_blocks(x, y, a, b, ranks.to(DEV), scal.to(DEV), offs, meta)
-    finally:
-        meta.slots = slots
-    assert torch.equal(y, y0)
+    """The entries of seg_indptr before its last still describe the last step's segments, and the block
+    list is the last step's: both must be clamped to the emptied step."""
+    check_emptied_step(make_case(30, 40, [16, 8], [[8, 8], [4, 4]], max_rank=8, dtype=torch.float32, p_none=0.0),
+                       lora_apply_blocks)
 
 
 @pytest.mark.gpu
