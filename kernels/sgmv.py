@@ -23,7 +23,7 @@ from kernels.lora_meta import SEG_BLOCKS_MAX_SEGMENTS, LoRAMeta
 from kernels.mma import mma, native_dot
 from kernels.sgmv_tiles import MAX_SLICES, _column_tile, column_tiles
 from kernels.sgmv_decode import MAX_TOKENS as MAX_DECODE_TOKENS
-from kernels.sgmv_decode import lora_apply_blocks, lora_apply_decode, lora_apply_single, single_fits
+from kernels.sgmv_decode import block_k_of, lora_apply_blocks, lora_apply_decode, lora_apply_single, single_fits
 
 # Steps from MAX_DECODE_TOKENS up to this many tokens, with up to SEG_BLOCKS_MAX_SEGMENTS adapters, take the
 # segment-block kernels of sgmv_decode (a program per 16-token block of a segment); the others (prefill, a
@@ -279,7 +279,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta
     out.zero_()
     block_m = _block_m(t)
     block_r = min(max(16, triton.next_power_of_2(max_rank)), 64)
-    block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
+    block_k = block_k_of(k)
     if split_k is None:                                # one k step per program: a flat, pipelined segment loop
         split_k = triton.cdiv(k, block_k)
     k_steps = triton.cdiv(triton.cdiv(k, split_k), block_k)

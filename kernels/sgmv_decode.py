@@ -111,6 +111,20 @@ def _expand_seg_kernel(hp_ptr, b_ptr, y_ptr, ranks_ptr, scal_ptr, sorted_ptr, in
             tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+def block_k_of(k: int) -> int:
+    """Input features a shrink step loads (128, or k rounded up to a power of two, at least 16)."""
+    return 128 if k >= 128 else max(16, triton.next_power_of_2(k))
+
+
+def _k_split(k: int, split_k: int | None, block_k: int) -> tuple[int, int]:
+    """(input features a shrink program streams, K splits) for about ``split_k`` splits (None: about 512
+    features a program) of whole block_k steps."""
+    if split_k is None:
+        split_k = max(1, triton.cdiv(k, 512))
+    k_per_prog = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    return k_per_prog, triton.cdiv(k, k_per_prog)
+
+
 def _step_shape(x: torch.Tensor, lora_a: torch.Tensor, out_offsets: tuple[int, ...]):
     """(tokens, in features, slices, max rank, output offsets as ints) of a decode-path step, which
     takes at most MAX_TOKENS tokens."""
@@ -132,11 +146,8 @@ def lora_apply_decode(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lo
         return y
     num_seg = min(t, meta.seg_slot.numel())             # a step has at most one segment per token
     block_r = max(16, triton.next_power_of_2(max_rank))
-    block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
-    if split_k is None:                                  # about 512 input features per program
-        split_k = max(1, triton.cdiv(k, 512))
-    k_per_prog = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_prog)
+    block_k = block_k_of(k)
+    k_per_prog, split_k = _k_split(k, split_k, block_k)
     hp = torch.empty((split_k, n_slices, t, max_rank), dtype=torch.float32, device=x.device)
     native = native_dot(x.dtype)
     ieee = x.dtype == torch.float32
@@ -259,11 +270,8 @@ def lora_apply_blocks(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lo
     num_seg = meta.seg_slot.numel()
     blocks = block_programs(t, min(max_seg_blocks(t, num_seg), meta.blk_start.numel()))
     block_r = max(16, triton.next_power_of_2(max_rank))
-    block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
-    if split_k is None:                                  # about 512 input features per program
-        split_k = max(1, triton.cdiv(k, 512))
-    k_per_prog = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_prog)
+    block_k = block_k_of(k)
+    k_per_prog, split_k = _k_split(k, split_k, block_k)
     hp = torch.empty((split_k, n_slices, t, max_rank), dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
     _shrink_blocks_kernel[(blocks, n_slices, split_k)](
@@ -400,11 +408,10 @@ def lora_apply_single(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lo
     if meta.no_lora or t == 0:
         return y
     block_m, block_r = single_tile(t, max_rank)
-    block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
+    block_k = block_k_of(k)
     if split_k is None:
         split_k = single_split(k, block_m, block_r, block_k)
-    k_per_prog = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_prog)
+    k_per_prog, split_k = _k_split(k, split_k, block_k)
     if block_n is None:
         # every column tile re-reads all the partials: past ~16 MB of such L2 reads, wider tiles pay
         partial_bytes = split_k * block_m * block_r * 4
