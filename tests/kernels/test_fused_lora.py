@@ -136,6 +136,10 @@ def rotary_tables(d, dtype):
 @pytest.mark.parametrize("max_rank", RANKS)
 @pytest.mark.parametrize("grid", GRIDS)
 def test_rotary_lora_from_gemm_columns(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter, t, max_rank, grid):
+    check_rotary(rel_err, adapters, dtype, hidden, hq, hk, d, t, max_rank, grid)
+
+
+def check_rotary(rel_err, adapters, dtype, hidden, hq, hk, d, t, max_rank, grid):
     mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
     f = family(hidden, [hq * d, hk * d, hk * d], ranks_for(3, max_rank), max_rank, dtype)
     qkv, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f, mix, tail_pos, f.lora_b.shape[2])
@@ -153,6 +157,10 @@ def test_rotary_lora_from_gemm_columns(seed, rel_err, adapters, dtype, hidden, h
 @pytest.mark.parametrize("grid", GRIDS)
 def test_silu_mul_lora(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter, t, max_rank, grid):
     """gate/up's h from the gate_up GEMM's extra columns; down's shrink as per-tile parts."""
+    check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, max_rank, grid)
+
+
+def check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, max_rank, grid):
     mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
     f_gu = family(hidden, [inter, inter], ranks_for(2, max_rank), max_rank, dtype)
     f_d = family(inter, [hidden], ranks_for(1, max_rank), max_rank, dtype)
@@ -173,23 +181,8 @@ def test_one_adapter_in_row_blocks(seed, rel_err, dtype, grid):
     partial, rows without LoRA in every block."""
     hidden, hq, hk, d, inter, _ = SHAPES[0]
     t = MANY_TOKENS + 7 if not CUDA else MAX_TOKENS
-    max_rank = RANKS[-1]
-    mix, meta, tail_pos, tail_pos_dev = token_mix(t, 1)
-    f = family(hidden, [hq * d, hk * d, hk * d], ranks_for(3, max_rank), max_rank, dtype)
-    qkv, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f, mix, tail_pos, f.lora_b.shape[2])
-    cos, sin, max_pos = rotary_tables(d, dtype)
-    pos = torch.randint(0, max_pos, (t,), device=DEV)
-    ref = rotary_lora_ref(qkv.clone(), ref_h, f, cos, sin, pos, mix, hq, hk, tail_pos)
-    rotary_lora_(qkv, h, f, cos, sin, pos, meta, hq, hk, tail_pos_dev, segments_max=GRIDS[grid])
-    assert rel_err(qkv, ref) <= TOL[dtype] * 2
-    f_gu = family(hidden, [inter, inter], ranks_for(2, max_rank), max_rank, dtype)
-    f_d = family(inter, [hidden], ranks_for(1, max_rank), max_rank, dtype)
-    gu, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_gu, mix, tail_pos, 2 * inter)
-    ref_gu = gu.clone()
-    act, parts = silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev, segments_max=GRIDS[grid])
-    ref_act, ref_hd = silu_mul_lora_ref(ref_gu, mix, expand=(ref_h, f_gu), shrink=f_d, tail_pos=tail_pos)
-    assert rel_err(act, ref_act) <= TOL[dtype] * 2
-    assert rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
+    check_rotary(rel_err, 1, dtype, hidden, hq, hk, d, t, RANKS[-1], grid)
+    check_silu_mul(rel_err, 1, dtype, hidden, inter, t, RANKS[-1], grid)
 
 
 @pytest.mark.parametrize("pad", [64, 128])
