@@ -69,15 +69,17 @@ class StagedBuffer:
 @dataclass
 class LoRAMeta:
     token_slot: torch.Tensor    # [max_tokens] int32, slot of each token, -1 = no LoRA
-    sorted_idx: torch.Tensor    # [max_tokens] int32, token indices grouped by slot (LoRA tokens first)
+    sorted_idx: torch.Tensor    # [max_tokens] int32, token indices grouped by slot, then those without LoRA
     seg_indptr: torch.Tensor    # [max_slots + 1] int32, segment i = sorted_idx[seg_indptr[i]:seg_indptr[i+1]]
     seg_slot: torch.Tensor      # [max_slots] int32, slot of segment i (-1 for unused segments)
     # each segment cut into blocks of SEG_BLOCK sorted positions, in order: block g is sorted positions
-    # [blk_start[g], blk_end[g]) of slot blk_slot[g] (blk_end is the segment's end); start == end past them
-    blk_start: torch.Tensor     # [max_seg_blocks] int32
-    blk_end: torch.Tensor       # [max_seg_blocks] int32
-    blk_slot: torch.Tensor      # [max_seg_blocks] int32
-    blk_count: torch.Tensor     # [1] int32, the step's blocks
+    # [blk_start[g], blk_end[g]) of slot blk_slot[g] (blk_end is the segment's end); after the LoRA
+    # segments' blocks, those of the tokens without LoRA (slot -1: the fused kernels, which must write
+    # every row, take them too); start == end past them
+    blk_start: torch.Tensor     # [max_seg_blocks + cdiv(max_tokens, SEG_BLOCK)] int32
+    blk_end: torch.Tensor       # same
+    blk_slot: torch.Tensor      # same
+    blk_count: torch.Tensor     # [2] int32, the step's LoRA blocks, and all its blocks
     num_tokens: int = 0         # tokens in this step (host side)
     slots: list[int] = field(default_factory=list)    # slot of each active segment (host side)
     staged: StagedBuffer | None = field(default=None, repr=False)
@@ -88,16 +90,16 @@ class LoRAMeta:
         """The tensors are views of one staged buffer, laid out
         ``[seg_indptr | seg_slot | token_slot | sorted_idx | blk_count | blk_start | blk_end | blk_slot]``,
         so a step moves them with one copy."""
-        nb = max_seg_blocks(max_tokens, max_slots)
+        nb = max_seg_blocks(max_tokens, max_slots) + -(-max_tokens // SEG_BLOCK)
         seg = 2 * max_slots + 1
-        blk = seg + 2 * max_tokens + 1
+        blk = seg + 2 * max_tokens + 2
         staged = StagedBuffer(blk + 3 * nb, torch.int32, device)
         d = staged.device
-        meta = cls(token_slot=d[seg: seg + max_tokens], sorted_idx=d[seg + max_tokens: blk - 1],
+        meta = cls(token_slot=d[seg: seg + max_tokens], sorted_idx=d[seg + max_tokens: blk - 2],
                    seg_indptr=d[: max_slots + 1], seg_slot=d[max_slots + 1: seg], blk_start=d[blk: blk + nb],
-                   blk_end=d[blk + nb: blk + 2 * nb], blk_slot=d[blk + 2 * nb:], blk_count=d[blk - 1: blk],
+                   blk_end=d[blk + nb: blk + 2 * nb], blk_slot=d[blk + 2 * nb:], blk_count=d[blk - 2: blk],
                    staged=staged)
-        staged.put([0] * (max_slots + 1) + [-1] * (max_slots + max_tokens), tail={blk - 1: [0] * (1 + 3 * nb)})
+        staged.put([0] * (max_slots + 1) + [-1] * (max_slots + max_tokens), tail={blk - 2: [0] * (2 + 3 * nb)})
         return meta
 
     @property
@@ -147,16 +149,16 @@ class LoRAMeta:
         starts: list[int] = []
         ends: list[int] = []
         bslots: list[int] = []
-        for i, s in enumerate(slots):
-            lo, hi = indptr[i], indptr[i + 1]
+        for lo, hi, s in zip(indptr, indptr[1:] + [n], slots + [-1]):     # the last: tokens without LoRA
             starts.extend(range(lo, hi, SEG_BLOCK))
             ends.extend([hi] * (len(starts) - len(ends)))
             bslots.extend([s] * (len(starts) - len(bslots)))
+        lora_blocks = sum(s >= 0 for s in bslots)
         rest = [0] * (nb - len(starts))
         # token_slot's unused tail goes along as it stands in the host twin (no kernel reads past the step)
         blk = 2 * max_slots + 1 + 2 * max_tokens
         self.staged.put(indptr + [indptr[-1]] * pad + slots + [-1] * pad + token_slots,
-                        tail={2 * max_slots + 1 + max_tokens: order,
-                              blk: [len(starts)] + starts + rest + ends + rest + bslots + rest})
+                        tail={2 * max_slots + 1 + max_tokens: order + [t for t, s in enumerate(token_slots) if s < 0],
+                              blk: [lora_blocks, len(starts)] + starts + rest + ends + rest + bslots + rest})
         self._filled = list(token_slots)
         return self

@@ -162,11 +162,12 @@ def test_meta_refill_skips_only_a_repeat(seed):
 
 
 def test_meta_segment_blocks():
-    """Each segment cut into blocks of SEG_BLOCK sorted positions, the last partial; past the step's blocks,
-    empty ones (start == end), also after a fill with more blocks."""
+    """Each segment cut into blocks of SEG_BLOCK sorted positions, the last partial, then the blocks of the
+    tokens without LoRA (slot -1); past the step's blocks, empty ones (start == end), also after a fill with
+    more blocks."""
     from kernels.lora_meta import SEG_BLOCK, max_seg_blocks
     meta = LoRAMeta.allocate(40, 4, DEV)
-    assert meta.blk_start.numel() == max_seg_blocks(40, 4) == 3 + 4
+    assert meta.blk_start.numel() == max_seg_blocks(40, 4) + 3 == 3 + 4 + 3
     meta.fill([3] * 20 + [1] * 17 + [-1, 0, 3])
     lens = {1: 17, 0: 1, 3: 21}                  # segments in slot order: 0, 1, 3
     want = []
@@ -176,7 +177,12 @@ def test_meta_segment_blocks():
             want.append((at + b0, at + lens[slot], slot))
         at += lens[slot]
     got = list(zip(meta.blk_start.tolist(), meta.blk_end.tolist(), meta.blk_slot.tolist()))
-    assert got[: len(want)] == want and all(s >= e for s, e, _ in got[len(want):])
+    assert got[: len(want) + 1] == want + [(39, 40, -1)] and all(s >= e for s, e, _ in got[len(want) + 1:])
+    assert meta.blk_count.tolist() == [len(want), len(want) + 1] and int(meta.sorted_idx[39]) == 37
     meta.fill([2, 2])
     got = list(zip(meta.blk_start.tolist(), meta.blk_end.tolist(), meta.blk_slot.tolist()))
-    assert got[0] == (0, 2, 2) and all(s >= e for s, e, _ in got[1:])
+    assert got[0] == (0, 2, 2) and all(s >= e for s, e, _ in got[1:]) and meta.blk_count.tolist() == [1, 1]
+    meta.fill([-1] * 18 + [0])                   # more tokens without LoRA than a block holds
+    assert meta.blk_count.tolist() == [1, 3] and meta.blk_slot[:3].tolist() == [0, -1, -1]
+    assert meta.blk_start[:3].tolist() == [0, 1, 17] and meta.blk_end[:3].tolist() == [1, 19, 19]
+    assert meta.sorted_idx[:19].tolist() == [18] + list(range(18))
