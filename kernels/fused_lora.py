@@ -50,16 +50,22 @@ import triton
 import triton.language as tl
 
 from kernels.fused import check_norm_args, rms_norm_loaded_row
-from kernels.lora_meta import LoRAMeta
+from kernels.lora_meta import SEG_BLOCK, LoRAMeta
 from kernels.mma import mma, native_dot
 
 MAX_TOKENS = 256          # tokens a step may have
-MANY_TOKENS = 64          # past this, one adapter only: programs per segment would each read the whole step
+MAX_ADAPTERS = 64         # adapters a step may have: tail positions under each GEMM (64 at rank 16: 3072 rows under qkv)
+MANY_TOKENS = 64          # past this, several adapters take the segment-block grid: programs per segment would
+                          # each read the whole step
 ROW_BLOCK = 64            # rows a rotary or SiLU-mul program takes (program_id 2 walks the step's blocks)
+BLOCK_PROGRAMS = 1        # segment-block grid: programs a SEG_BLOCK tokens of the step (each loops over blocks)
+NATIVE_EXPAND = True      # past MANY_TOKENS tokens, rotary's and SiLU-mul's expands in the model dtype (``_native_expand``)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tuned on the H100)
-SILU_SEGMENTS = (64, 2)  # SiLU-mul (columns a program, warps), a program per segment (tuned on the H100)
-SILU_ROWS = (64, 4)      # and per-row
+# SiLU-mul (columns a program, warps) by (grid, whether it shrinks down); tuned on the H100 (bench/NOTES-kernels.md)
+SILU = {("segments", True): (64, 2), ("rows", True): (64, 4), ("blocks", True): (64, 2),
+        ("segments", False): (64, 4), ("rows", False): (64, 4), ("blocks", False): (128, 4)}
+ROTARY_WARPS = {"segments": 8, "rows": 8, "blocks": 4}
 # Steps whose h holds up to this many tail positions run a program per (tile, segment); beyond, one program a
 # tile gathers each row's own adapter (bench/NOTES-kernels.md v9: at 6 adapters SiLU-mul takes 13.0 us a call
 # that way against 12.7 per-row, at 2 7.8 against 11.8; rotary wins up to 8 adapters, ties at 10)
@@ -120,11 +126,15 @@ def _load_h(h_ptr, stride_ht, rows, use, rank, BLOCK_M: tl.constexpr, BLOCK_R: t
 
 @triton.jit
 def _expand_tile(acc, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, cols, col_ok,
-                 BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
-    """acc[t, cols] += scaling * h[t, :rank] @ B[slot, :rank, cols] (h already 0 where it must not count)."""
+                 BLOCK_R: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
+    """acc[t, cols] += scaling * h[t, :rank] @ B[slot, :rank, cols] (h already 0 where it must not count).
+    NATIVE: h holds values of B's dtype (a GEMM's columns), so their product in that dtype is exact;
+    scaled after."""
     r = tl.arange(0, BLOCK_R)
     b = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_bs + r[:, None] * stride_br + cols[None, :],
                 mask=(r < rank)[:, None] & col_ok[None, :], other=0.0)
+    if NATIVE:
+        return acc + scaling * mma(h.to(b.dtype), b, True, IEEE)
     return acc + mma(h * scaling, b.to(tl.float32), False, IEEE)
 
 
@@ -224,47 +234,46 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_
 
 
 @triton.jit
-def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, h_ptr, b_ptr,
-                        ranks_ptr, scal_ptr, T, n_pos, stride_t, stride_c, stride_ht, stride_hpos, stride_hs, stride_bs,
-                        stride_br, HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
-                        IEEE: tl.constexpr):
-    """One head (program_id 0: q heads, then k heads, then v heads) of one segment's rows (program_id 1),
-    or, ROWS, of every row, in one block of BLOCK_M rows (program_id 2)."""
-    hh = tl.program_id(0)
-    sl = (hh >= HQ).to(tl.int32) + (hh >= HQ + HK).to(tl.int32)
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    d = tl.arange(0, HALF_P2)
-    dm = d < HALF
-    col = hh * (2 * HALF) + d
-    dt = qkv_ptr.dtype.element_ty
+def _block(g, sorted_ptr, blk_ptr, nb, BLOCK_M: tl.constexpr):
+    """(rows, row_ok, slot) of segment block g (``LoRAMeta``'s blocks, BLOCK_M = SEG_BLOCK): up to
+    BLOCK_M rows of one adapter, or without LoRA (slot -1), gathered through the sorted order. ``blk_ptr``
+    is blk_start; blk_end and blk_slot follow it, ``nb`` apart."""
+    i = tl.load(blk_ptr + g) + tl.arange(0, BLOCK_M)
+    row_ok = i < tl.load(blk_ptr + nb + g)
+    return tl.load(sorted_ptr + i, mask=row_ok, other=0), row_ok, tl.load(blk_ptr + 2 * nb + g)
+
+
+@triton.jit
+def _rotary_load(qkv_ptr, rows, row_ok, col, dm, stride_t, HALF: tl.constexpr):
+    """The head's two halves at ``rows``, as float32, and where they go back."""
     p1 = qkv_ptr + rows[:, None] * stride_t + col[None, :]
-    x1 = tl.load(p1, mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)    # every row: waits on nothing
+    x1 = tl.load(p1, mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
     x2 = tl.load(p1 + HALF, mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    return p1, x1, x2
+
+
+@triton.jit
+def _rotary_expand(slot, use, rows, sl, col, dm, tail_pos_ptr, n_pos, h_ptr, stride_ht, stride_hpos, stride_hs,
+                   ranks_ptr, scal_ptr, b_ptr, stride_bs, stride_br, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
+    """The expand of slice ``sl`` for the rows ``use`` of one adapter ``slot`` (none where slot < 0), on the
+    head's two halves: (e1, e2)."""
+    s0 = tl.maximum(slot, 0)
+    p, use = _position(tail_pos_ptr, s0, use, n_pos, False)
+    rank = tl.where(slot >= 0, tl.load(ranks_ptr + s0 * 3 + sl), 0)
+    scaling = tl.load(scal_ptr + s0 * 3 + sl)
+    h = _load_h(h_ptr + p * stride_hpos + sl * stride_hs, stride_ht, rows, use, rank, BLOCK_M, BLOCK_R)
     zero = tl.zeros((BLOCK_M, HALF_P2), dtype=tl.float32)
-    if ROWS:
-        own = row_ok
-        s0, use = _row_slots(slot_ptr, rows, row_ok)
-        p, use = _position(tail_pos_ptr, s0, use, n_pos, True)
-        rank = tl.load(ranks_ptr + s0 * 3 + sl, mask=use, other=0)
-        scaling = tl.load(scal_ptr + s0 * 3 + sl, mask=use, other=0.0)
-        h_rows = h_ptr + rows * stride_ht + p * stride_hpos + sl * stride_hs
-        b_rows = b_ptr + s0 * stride_bs
-        e1 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col, dm, BLOCK_R > RANK_UNROLL)
-        e2 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col + HALF, dm, BLOCK_R > RANK_UNROLL)
-    else:
-        slot, own, use = _segment(seg_slot_ptr, slot_ptr, rows, row_ok)
-        if SPLIT:                                           # (a one-segment grid compiles no branch)
-            if (slot < 0) & (tl.program_id(1) > 0):
-                return                                      # past the step's segments
-        s0 = tl.maximum(slot, 0)
-        p, use = _position(tail_pos_ptr, s0, use, n_pos, False)
-        rank = tl.load(ranks_ptr + s0 * 3 + sl)
-        scaling = tl.load(scal_ptr + s0 * 3 + sl)
-        h = _load_h(h_ptr + p * stride_hpos + sl * stride_hs, stride_ht, rows, use, rank, BLOCK_M, BLOCK_R)
-        e1 = _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col, dm, BLOCK_R, IEEE)
-        e2 = _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col + HALF, dm, BLOCK_R, IEEE)
+    e1 = _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col, dm, BLOCK_R, NATIVE, IEEE)
+    e2 = _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col + HALF, dm, BLOCK_R, NATIVE,
+                      IEEE)
+    return e1, e2
+
+
+@triton.jit
+def _rotary_store(p1, x1, x2, e1, e2, own, rows, row_ok, hh, d, dm, pos_ptr, cos_ptr, sin_ptr, stride_c,
+                  HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, dt: tl.constexpr):
+    """x += e (rounded to the model dtype), rotary on q and k heads, stored for the rows ``own``."""
     m = own[:, None] & dm[None, :]
     x1 = (x1 + e1).to(dt).to(tl.float32)
     x2 = (x2 + e2).to(dt).to(tl.float32)
@@ -273,69 +282,171 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
         cos = tl.load(cos_ptr + pos[:, None] * stride_c + d[None, :], mask=m, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + pos[:, None] * stride_c + d[None, :], mask=m, other=0.0).to(tl.float32)
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    tl.store(p1, x1.to(dt), mask=m)                         # a segment's own rows only
+    tl.store(p1, x1.to(dt), mask=m)
     tl.store(p1 + HALF, x2.to(dt), mask=m)
 
 
 @triton.jit
+def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, h_ptr, b_ptr,
+                        ranks_ptr, scal_ptr, sorted_ptr, blk_count_ptr, blk_ptr, nb, T, n_pos, stride_t, stride_c,
+                        stride_ht, stride_hpos, stride_hs, stride_bs, stride_br, HQ: tl.constexpr, HK: tl.constexpr,
+                        HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr,
+                        IEEE: tl.constexpr):
+    """One head (program_id 0: q heads, then k heads, then v heads) of one segment's rows (program_id 1),
+    or, ROWS, of every row, in one block of BLOCK_M rows (program_id 2); or, BLOCKS, of the step's segment
+    blocks program_id 1, + num_programs 1, ..."""
+    hh = tl.program_id(0)
+    sl = (hh >= HQ).to(tl.int32) + (hh >= HQ + HK).to(tl.int32)
+    d = tl.arange(0, HALF_P2)
+    dm = d < HALF
+    col = hh * (2 * HALF) + d
+    if BLOCKS:
+        for g in range(tl.program_id(1), tl.load(blk_count_ptr + 1), tl.num_programs(1)):
+            rows, row_ok, slot = _block(g, sorted_ptr, blk_ptr, nb, BLOCK_M)
+            p1, x1, x2 = _rotary_load(qkv_ptr, rows, row_ok, col, dm, stride_t, HALF)
+            e1, e2 = _rotary_expand(slot, tl.where(slot >= 0, row_ok, False), rows, sl, col, dm, tail_pos_ptr,
+                                    n_pos, h_ptr, stride_ht, stride_hpos, stride_hs, ranks_ptr, scal_ptr, b_ptr,
+                                    stride_bs, stride_br, HALF, HALF_P2, BLOCK_M, BLOCK_R, NATIVE, IEEE)
+            _rotary_store(p1, x1, x2, e1, e2, row_ok, rows, row_ok, hh, d, dm, pos_ptr, cos_ptr, sin_ptr, stride_c,
+                          HQ, HK, HALF, qkv_ptr.dtype.element_ty)
+    else:
+        rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < T
+        p1, x1, x2 = _rotary_load(qkv_ptr, rows, row_ok, col, dm, stride_t, HALF)    # waits on nothing
+        if ROWS:
+            own = row_ok
+            s0, use = _row_slots(slot_ptr, rows, row_ok)
+            p, use = _position(tail_pos_ptr, s0, use, n_pos, True)
+            rank = tl.load(ranks_ptr + s0 * 3 + sl, mask=use, other=0)
+            scaling = tl.load(scal_ptr + s0 * 3 + sl, mask=use, other=0.0)
+            h_rows = h_ptr + rows * stride_ht + p * stride_hpos + sl * stride_hs
+            b_rows = b_ptr + s0 * stride_bs
+            zero = tl.zeros((BLOCK_M, HALF_P2), dtype=tl.float32)
+            e1 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col, dm, BLOCK_R > RANK_UNROLL)
+            e2 = _expand_rows(zero, h_rows, rank, scaling, b_rows, stride_br, col + HALF, dm, BLOCK_R > RANK_UNROLL)
+        else:
+            slot, own, use = _segment(seg_slot_ptr, slot_ptr, rows, row_ok)
+            if SPLIT:                                       # (a one-segment grid compiles no branch)
+                if (slot < 0) & (tl.program_id(1) > 0):
+                    return                                  # past the step's segments
+            e1, e2 = _rotary_expand(slot, use, rows, sl, col, dm, tail_pos_ptr, n_pos, h_ptr, stride_ht, stride_hpos,
+                                    stride_hs, ranks_ptr, scal_ptr, b_ptr, stride_bs, stride_br, HALF, HALF_P2,
+                                    BLOCK_M, BLOCK_R, NATIVE, IEEE)
+        _rotary_store(p1, x1, x2, e1, e2, own, rows, row_ok, hh, d, dm, pos_ptr, cos_ptr, sin_ptr, stride_c,
+                      HQ, HK, HALF, qkv_ptr.dtype.element_ty)          # a segment's own rows only
+
+
+@triton.jit
+def _silu_load(gu_ptr, rows, row_ok, cols, col_ok, n, stride_g):
+    """gate and up at ``rows`` and this tile's columns, as float32."""
+    m = row_ok[:, None] & col_ok[None, :]
+    g = tl.load(gu_ptr + rows[:, None] * stride_g + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    return g, tl.load(gu_ptr + rows[:, None] * stride_g + n + cols[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _silu_lora(g, u, slot, use, rows, cols, col_ok, n, tail_pos_ptr, n_pos, hg_ptr, stride_hgt, stride_hgpos,
+               stride_hgs, bg_ptr, stride_bgs, stride_bgr, rank_g_ptr, scal_g_ptr, a_ptr, stride_as, stride_ar,
+               rank_d_ptr, dt: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, NATIVE: tl.constexpr,
+               NATIVE_E: tl.constexpr, SHRINK: tl.constexpr, IEEE: tl.constexpr):
+    """For the rows ``use`` of one adapter ``slot`` (none where slot < 0): gate/up's expand, silu(g) * u
+    (every row) and, SHRINK, this tile's share of down's shrink: (act, part)."""
+    s0 = tl.maximum(slot, 0)
+    p, use = _position(tail_pos_ptr, s0, use, n_pos, False)
+    hg = hg_ptr + p * stride_hgpos
+    rank = tl.where(slot >= 0, tl.load(rank_g_ptr + s0 * 2), 0)
+    h = _load_h(hg, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
+    g = _expand_tile(g, h, slot, rank, tl.load(scal_g_ptr + s0 * 2), bg_ptr, stride_bgs, stride_bgr, cols,
+                     col_ok, BLOCK_R, NATIVE_E, IEEE)
+    rank = tl.where(slot >= 0, tl.load(rank_g_ptr + s0 * 2 + 1), 0)
+    h = _load_h(hg + stride_hgs, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
+    u = _expand_tile(u, h, slot, rank, tl.load(scal_g_ptr + s0 * 2 + 1), bg_ptr, stride_bgs, stride_bgr,
+                     n + cols, col_ok, BLOCK_R, NATIVE_E, IEEE)
+    act = _silu_mul(g, u, dt)
+    r = tl.arange(0, BLOCK_R)
+    if not SHRINK:
+        return act, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)      # (nothing stores it)
+    rank = tl.where(slot >= 0, tl.load(rank_d_ptr + s0), 0)
+    a = tl.load(a_ptr + s0.to(tl.int64) * stride_as + r[:, None] * stride_ar + cols[None, :],
+                mask=(r < rank)[:, None] & col_ok[None, :], other=0.0)
+    return act, mma(tl.where(use[:, None], act, 0.0).to(act.dtype), tl.trans(a), NATIVE, IEEE)
+
+
+@triton.jit
+def _silu_mul(g, u, dt: tl.constexpr):
+    """silu(g) * u in the model dtype, each rounded to it first (the expanded projection's output)."""
+    g = g.to(dt).to(tl.float32)
+    return (g / (1.0 + tl.exp(-g)) * u.to(dt).to(tl.float32)).to(dt)
+
+
+@triton.jit
+def _silu_store(hd_ptr, out_ptr, part, act, own, rows, cols, col_ok, stride_hdp, stride_hdt, stride_o,
+                BLOCK_R: tl.constexpr, SHRINK: tl.constexpr):
+    """This tile's part of down's h (SHRINK; its own part: no atomics, nothing to zero) and act, for rows
+    ``own``."""
+    r = tl.arange(0, BLOCK_R)
+    if SHRINK:
+        tl.store(hd_ptr + tl.program_id(0) * stride_hdp + rows[:, None] * stride_hdt + r[None, :], part,
+                 mask=own[:, None])
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], act, mask=own[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, hg_ptr, bg_ptr, rank_g_ptr,
-                          scal_g_ptr, a_ptr, rank_d_ptr, hd_ptr, T, n, n_pos, stride_g, stride_o, stride_hgt, stride_hgpos,
-                          stride_hgs, stride_bgs, stride_bgr, stride_as, stride_ar, stride_hdp, stride_hdt,
-                          BLOCK_M: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr,
-                          SPLIT: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
+                          scal_g_ptr, a_ptr, rank_d_ptr, hd_ptr, sorted_ptr, blk_count_ptr, blk_ptr, nb, T, n, n_pos,
+                          stride_g, stride_o, stride_hgt, stride_hgpos, stride_hgs, stride_bgs, stride_bgr, stride_as,
+                          stride_ar, stride_hdp, stride_hdt, BLOCK_M: tl.constexpr, BN: tl.constexpr,
+                          BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
+                          NATIVE: tl.constexpr, NATIVE_E: tl.constexpr, SHRINK: tl.constexpr, IEEE: tl.constexpr):
     """One column tile (program_id 0) of one segment's rows (program_id 1), or, ROWS, of every row, in one
-    block of BLOCK_M rows (program_id 2)."""
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
+    block of BLOCK_M rows (program_id 2); or, BLOCKS, of the step's segment blocks program_id 1,
+    + num_programs 1, ... Without SHRINK, down's shrink happens elsewhere (its GEMM's extra rows)."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < n
-    dt = out_ptr.dtype.element_ty
-    g = tl.load(gu_ptr + rows[:, None] * stride_g + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                other=0.0).to(tl.float32)                   # every row: waits on nothing
-    u = tl.load(gu_ptr + rows[:, None] * stride_g + n + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                other=0.0).to(tl.float32)
-    r = tl.arange(0, BLOCK_R)
-    if ROWS:
-        own = row_ok
-        s0, use = _row_slots(slot_ptr, rows, row_ok)
-        p, use = _position(tail_pos_ptr, s0, use, n_pos, True)
-        h_rows = hg_ptr + rows * stride_hgt + p * stride_hgpos
-        b_rows = bg_ptr + s0 * stride_bgs
-        g = _expand_rows(g, h_rows, tl.load(rank_g_ptr + s0 * 2, mask=use, other=0),
-                         tl.load(scal_g_ptr + s0 * 2, mask=use, other=0.0), b_rows, stride_bgr, cols, col_ok,
-                         BLOCK_R > RANK_UNROLL)
-        u = _expand_rows(u, h_rows + stride_hgs, tl.load(rank_g_ptr + s0 * 2 + 1, mask=use, other=0),
-                         tl.load(scal_g_ptr + s0 * 2 + 1, mask=use, other=0.0), b_rows, stride_bgr, n + cols, col_ok,
-                         BLOCK_R > RANK_UNROLL)
+    if BLOCKS:
+        for blk in range(tl.program_id(1), tl.load(blk_count_ptr + 1), tl.num_programs(1)):
+            rows, row_ok, slot = _block(blk, sorted_ptr, blk_ptr, nb, BLOCK_M)
+            g, u = _silu_load(gu_ptr, rows, row_ok, cols, col_ok, n, stride_g)
+            act, part = _silu_lora(g, u, slot, tl.where(slot >= 0, row_ok, False), rows, cols, col_ok, n,
+                                   tail_pos_ptr, n_pos, hg_ptr, stride_hgt, stride_hgpos, stride_hgs, bg_ptr,
+                                   stride_bgs, stride_bgr, rank_g_ptr, scal_g_ptr, a_ptr, stride_as, stride_ar,
+                                   rank_d_ptr, out_ptr.dtype.element_ty, BLOCK_M, BLOCK_R, NATIVE, NATIVE_E, SHRINK,
+                                   IEEE)
+            _silu_store(hd_ptr, out_ptr, part, act, row_ok, rows, cols, col_ok, stride_hdp, stride_hdt, stride_o,
+                        BLOCK_R, SHRINK)
     else:
-        slot, own, use = _segment(seg_slot_ptr, slot_ptr, rows, row_ok)
-        if SPLIT:                                           # (a one-segment grid compiles no branch)
-            if (slot < 0) & (tl.program_id(1) > 0):
-                return                                      # past the step's segments
-        s0 = tl.maximum(slot, 0)
-        p, use = _position(tail_pos_ptr, s0, use, n_pos, False)
-        hg = hg_ptr + p * stride_hgpos
-        rank = tl.load(rank_g_ptr + s0 * 2)
-        h = _load_h(hg, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
-        g = _expand_tile(g, h, slot, rank, tl.load(scal_g_ptr + s0 * 2), bg_ptr, stride_bgs, stride_bgr, cols,
-                         col_ok, BLOCK_R, IEEE)
-        rank = tl.load(rank_g_ptr + s0 * 2 + 1)
-        h = _load_h(hg + stride_hgs, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
-        u = _expand_tile(u, h, slot, rank, tl.load(scal_g_ptr + s0 * 2 + 1), bg_ptr, stride_bgs, stride_bgr,
-                         n + cols, col_ok, BLOCK_R, IEEE)
-    g = g.to(dt).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g)) * u.to(dt).to(tl.float32)).to(dt)
-    # shrink of down: this column tile's share, stored as its own part (no atomics, nothing to zero)
-    if ROWS:
-        part = _shrink_rows(act.to(tl.float32), a_ptr + s0 * stride_as, stride_ar,
-                            tl.load(rank_d_ptr + s0, mask=use, other=0), cols, col_ok, BLOCK_M, BLOCK_R)
-    else:
-        a = tl.load(a_ptr + s0.to(tl.int64) * stride_as + r[:, None] * stride_ar + cols[None, :],
-                    mask=(r < tl.load(rank_d_ptr + s0))[:, None] & col_ok[None, :], other=0.0)
-        part = mma(tl.where(use[:, None], act, 0.0).to(dt), tl.trans(a), NATIVE, IEEE)
-    tl.store(hd_ptr + tl.program_id(0) * stride_hdp + rows[:, None] * stride_hdt + r[None, :], part,
-             mask=own[:, None])
-    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], act, mask=own[:, None] & col_ok[None, :])
+        rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < T
+        g, u = _silu_load(gu_ptr, rows, row_ok, cols, col_ok, n, stride_g)       # every row: waits on nothing
+        if ROWS:
+            own = row_ok
+            s0, use = _row_slots(slot_ptr, rows, row_ok)
+            p, use = _position(tail_pos_ptr, s0, use, n_pos, True)
+            h_rows = hg_ptr + rows * stride_hgt + p * stride_hgpos
+            b_rows = bg_ptr + s0 * stride_bgs
+            g = _expand_rows(g, h_rows, tl.load(rank_g_ptr + s0 * 2, mask=use, other=0),
+                             tl.load(scal_g_ptr + s0 * 2, mask=use, other=0.0), b_rows, stride_bgr, cols, col_ok,
+                             BLOCK_R > RANK_UNROLL)
+            u = _expand_rows(u, h_rows + stride_hgs, tl.load(rank_g_ptr + s0 * 2 + 1, mask=use, other=0),
+                             tl.load(scal_g_ptr + s0 * 2 + 1, mask=use, other=0.0), b_rows, stride_bgr, n + cols,
+                             col_ok, BLOCK_R > RANK_UNROLL)
+            act = _silu_mul(g, u, out_ptr.dtype.element_ty)
+            part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            if SHRINK:
+                part = _shrink_rows(act.to(tl.float32), a_ptr + s0 * stride_as, stride_ar,
+                                    tl.load(rank_d_ptr + s0, mask=use, other=0), cols, col_ok, BLOCK_M, BLOCK_R)
+        else:
+            slot, own, use = _segment(seg_slot_ptr, slot_ptr, rows, row_ok)
+            if SPLIT:                                       # (a one-segment grid compiles no branch)
+                if (slot < 0) & (tl.program_id(1) > 0):
+                    return                                  # past the step's segments
+            act, part = _silu_lora(g, u, slot, use, rows, cols, col_ok, n, tail_pos_ptr, n_pos, hg_ptr, stride_hgt,
+                                   stride_hgpos, stride_hgs, bg_ptr, stride_bgs, stride_bgr, rank_g_ptr, scal_g_ptr,
+                                   a_ptr, stride_as, stride_ar, rank_d_ptr, out_ptr.dtype.element_ty, BLOCK_M,
+                                   BLOCK_R, NATIVE, NATIVE_E, SHRINK, IEEE)
+        _silu_store(hd_ptr, out_ptr, part, act, own, rows, cols, col_ok, stride_hdp, stride_hdt, stride_o, BLOCK_R,
+                    SHRINK)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -370,21 +481,37 @@ def _check_h(name: str, h: torch.Tensor, parts: int | None, t: int, fam, tail_po
 def _check_meta(meta: LoRAMeta, t: int) -> None:
     if t > MAX_TOKENS:
         raise ValueError(f"fused LoRA takes at most {MAX_TOKENS} tokens a step, got {t}")
-    if t > MANY_TOKENS and meta.num_segments > 1:
-        raise ValueError(f"fused LoRA takes one adapter in a step of more than {MANY_TOKENS} tokens, got "
-                         f"{meta.num_segments} adapters in {t} tokens")
     if meta.token_slot.numel() < t or meta.token_slot.dtype != torch.int32:
         raise ValueError(f"the LoRA metadata holds {meta.token_slot.numel()} tokens, the step {t}")
 
 
-def _segments(meta: LoRAMeta, h: torch.Tensor, most: int) -> int:
-    """Programs along a kernel's segment axis: one per tail position of h (the step's adapters sit at
-    distinct positions below it) where h has at most ``most`` of them, else 0: per-row gathers. Decided
-    by h's shape, so that a captured graph keeps its grid for every step of its bucket; programs past
-    the step's segments return at once."""
-    if meta.num_segments > h.shape[2]:
-        raise ValueError(f"{meta.num_segments} adapters in the step but h holds {h.shape[2]} tail positions")
-    return h.shape[2] if h.shape[2] <= most else 0
+def _grid(meta: LoRAMeta, h: torch.Tensor, t: int, kernel: str, grid: str | None) -> tuple[str, int, int]:
+    """(grid, programs along axis 1, rows a program takes at once) of a rotary or SiLU-mul launch:
+    "segments", a program per tail position of h (the step's adapters sit at distinct positions below
+    it), for one position or, up to MANY_TOKENS tokens, at most ``SEGMENTS_MAX[kernel]`` of them; "rows"
+    (per-row gathers) for more, and "blocks" (the step's segment blocks, ``BLOCK_PROGRAMS`` programs a
+    SEG_BLOCK tokens) past MANY_TOKENS. Decided by h's shape and the step's size, so that a captured
+    graph keeps its grid for every step of its bucket; programs past the step's segments or blocks do
+    nothing. ``grid`` forces one (tests, tuning)."""
+    k = h.shape[2]
+    if meta.num_segments > k:
+        raise ValueError(f"{meta.num_segments} adapters in the step but h holds {k} tail positions")
+    if grid is None:
+        grid = "blocks" if t > MANY_TOKENS else "segments" if k <= SEGMENTS_MAX[kernel] else "rows"
+    if grid == "blocks":
+        return grid, triton.cdiv(t, SEG_BLOCK) * BLOCK_PROGRAMS, SEG_BLOCK
+    if grid not in ("segments", "rows"):
+        raise ValueError(f"grid must be segments, rows or blocks, got {grid!r}")
+    return grid, k if grid == "segments" else 1, _block_m(t)
+
+
+def _native_expand(h: torch.Tensor, fam) -> bool:
+    """Whether the expands may multiply h by B on tensor cores in the model dtype: h holds values of that
+    dtype (a GEMM's columns), so nothing rounds. Past MANY_TOKENS tokens only: at 256 tokens it took
+    SiLU-mul's 16 adapters 35.2 us against 39.0 in float32 (TF32), at 32 tokens it won nothing
+    (bench/NOTES-kernels.md v11)."""
+    return NATIVE_EXPAND and h.shape[1] > MANY_TOKENS and native_dot(fam.lora_b.dtype) and \
+        h.dtype == fam.lora_b.dtype
 
 
 def _block_r(fam) -> int:
@@ -424,7 +551,7 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
 
 def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin: torch.Tensor,
                  positions: torch.Tensor, meta: LoRAMeta, num_heads: int, num_kv_heads: int,
-                 tail_pos: torch.Tensor, num_warps: int = 8, segments_max: int = SEGMENTS_MAX["rotary"]) -> None:
+                 tail_pos: torch.Tensor, num_warps: int | None = None, grid: str | None = None) -> None:
     """In place on qkv [T, (HQ + 2 HK) * D]: q, k, v += scaling * h[0, t, pos(t), i] @ B (rounded), then
     rotary on q and k. h [1, T, positions, 3, R]: the qkv GEMM's extra columns (``LoRATails.split``)."""
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.dtype not in _DTYPES:
@@ -441,23 +568,25 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
         raise ValueError(f"cos/sin must be [max_pos, {dim}], got {tuple(cos.shape)}")
     if positions.shape != (t,):
         raise ValueError(f"positions must be [{t}], got {tuple(positions.shape)}")
-    segs = _segments(meta, h, segments_max)
+    grid, programs, block_m = _grid(meta, h, t, "rotary", grid)
     if t:
-        _rotary_lora_kernel[(heads, max(segs, 1), triton.cdiv(t, _block_m(t)))](
+        _rotary_lora_kernel[(heads, programs, 1 if grid == "blocks" else triton.cdiv(t, block_m))](
             qkv, cos, sin, positions, meta.token_slot, meta.seg_slot, tail_pos, h, fam.lora_b, fam.ranks,
-            fam.scalings, t, h.shape[2], qkv.stride(0), cos.stride(0), h.stride(1), h.stride(2), h.stride(3),
-            *fam.lora_b.stride()[:2], HQ=num_heads, HK=num_kv_heads, HALF=dim // 2,
-            HALF_P2=max(16, triton.next_power_of_2(dim // 2)), BLOCK_M=_block_m(t),
-            BLOCK_R=max(16, _block_r(fam)), ROWS=segs == 0, SPLIT=segs > 1,
-            IEEE=not native_dot(qkv.dtype), num_warps=num_warps, num_stages=3)
+            fam.scalings, meta.sorted_idx, meta.blk_count, meta.blk_start, meta.blk_start.numel(), t, h.shape[2],
+            qkv.stride(0), cos.stride(0), h.stride(1), h.stride(2), h.stride(3), *fam.lora_b.stride()[:2],
+            HQ=num_heads, HK=num_kv_heads, HALF=dim // 2, HALF_P2=max(16, triton.next_power_of_2(dim // 2)),
+            BLOCK_M=block_m, BLOCK_R=max(16, _block_r(fam)), ROWS=grid == "rows", BLOCKS=grid == "blocks",
+            SPLIT=grid == "segments" and programs > 1, NATIVE=_native_expand(h, fam),
+            IEEE=not native_dot(qkv.dtype), num_warps=num_warps or ROTARY_WARPS[grid], num_stages=3)
 
 
 def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam, down_fam,
                   tail_pos: torch.Tensor, block_n: int | None = None, num_warps: int | None = None,
-                  segments_max: int = SEGMENTS_MAX["silu"]) -> tuple[torch.Tensor, torch.Tensor]:
+                  grid: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act, h_down): gate_up += scaling * h_gate_up[0, t, pos(t), i] @ B (rounded), act = silu(g) * u,
     and h_down = act @ A_down.T as float32 parts [column tiles, T, 1 (stride 0), 1, R] (sum them over the
-    first dim): the h that ``norm_lora`` takes."""
+    first dim): the h that ``norm_lora`` takes. Without ``down_fam`` (down's A under its GEMM instead),
+    no h_down: None."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1 or gate_up.dtype not in _DTYPES:
         raise ValueError(f"gate_up must be [T, 2I] with unit column stride, got {tuple(gate_up.shape)}")
     t, n2 = gate_up.shape
@@ -465,23 +594,29 @@ def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor
     _check_meta(meta, t)
     _check_family("gate_up", gate_up_fam, None, n2, 2)
     _check_h("gate_up", h_gate_up, 1, t, gate_up_fam, tail_pos)
-    _check_family("down", down_fam, n, None, 1)
-    segs = _segments(meta, h_gate_up, segments_max)
-    block_n = block_n or (SILU_SEGMENTS if segs else SILU_ROWS)[0]
-    num_warps = num_warps or (SILU_SEGMENTS if segs else SILU_ROWS)[1]
+    if down_fam is not None:
+        _check_family("down", down_fam, n, None, 1)
+    grid, programs, block_m = _grid(meta, h_gate_up, t, "silu", grid)
+    block_n = block_n or SILU[grid, down_fam is not None][0]
+    num_warps = num_warps or SILU[grid, down_fam is not None][1]
     tiles = triton.cdiv(n, block_n)
-    block_r = max(16, _block_r(gate_up_fam), _block_r(down_fam))
+    shrink = down_fam is not None
+    a_fam = down_fam if shrink else gate_up_fam        # (without the shrink: pointers nothing reads)
+    block_r = max(16, _block_r(gate_up_fam), _block_r(a_fam))
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
-    h_down = torch.empty((tiles, t, block_r), dtype=torch.float32, device=gate_up.device)
+    h_down = torch.empty((tiles if shrink else 1, t, block_r), dtype=torch.float32, device=gate_up.device)
     if t:
-        _silu_mul_lora_kernel[(tiles, max(segs, 1), triton.cdiv(t, _block_m(t)))](
+        _silu_mul_lora_kernel[(tiles, programs, 1 if grid == "blocks" else triton.cdiv(t, block_m))](
             gate_up, out, meta.token_slot, meta.seg_slot, tail_pos, h_gate_up, gate_up_fam.lora_b, gate_up_fam.ranks,
-            gate_up_fam.scalings, down_fam.lora_a, down_fam.ranks, h_down, t, n, h_gate_up.shape[2], gate_up.stride(0), out.stride(0),
-            *h_gate_up.stride()[1:4], *gate_up_fam.lora_b.stride()[:2], down_fam.lora_a.stride(0),
-            down_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1),
-            BLOCK_M=_block_m(t), BN=block_n, BLOCK_R=block_r, ROWS=segs == 0,
-            SPLIT=segs > 1, NATIVE=native_dot(gate_up.dtype),
+            gate_up_fam.scalings, a_fam.lora_a, a_fam.ranks, h_down, meta.sorted_idx, meta.blk_count,
+            meta.blk_start, meta.blk_start.numel(), t, n, h_gate_up.shape[2], gate_up.stride(0), out.stride(0),
+            *h_gate_up.stride()[1:4], *gate_up_fam.lora_b.stride()[:2], a_fam.lora_a.stride(0),
+            a_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1), BLOCK_M=block_m, BN=block_n,
+            BLOCK_R=block_r, ROWS=grid == "rows", BLOCKS=grid == "blocks", SPLIT=grid == "segments" and programs > 1,
+            NATIVE=native_dot(gate_up.dtype), NATIVE_E=_native_expand(h_gate_up, gate_up_fam), SHRINK=shrink,
             IEEE=not native_dot(gate_up.dtype), num_warps=num_warps)
+    if not shrink:
+        return out, None
     return out, h_down.as_strided((tiles, t, 1, 1, block_r), (h_down.stride(0), h_down.stride(1), 0, block_r, 1))
 
 

@@ -19,7 +19,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 SLOTS = 5
 ADAPTERS = [1, 3]           # adapters a step
-GRIDS = {"segments": 64, "rows": 0}     # rotary and SiLU-mul: a program per segment, or per-row gathers
+GRIDS = ["segments", "rows", "blocks"]  # rotary and SiLU-mul: a program per segment, per-row gathers, segment blocks
 RANKS = [16, 64] if CUDA else [8, 24]       # 24: the per-row kernels loop over ranks in chunks of 16
 # hidden, heads, kv heads, head_dim, intermediate, tokens; CPU shapes stay small for the interpreter
 SHAPES = [(96, 2, 1, 32, 200, 5), (64, 2, 1, 16, 136, 19)] if not CUDA else \
@@ -146,7 +146,7 @@ def check_rotary(rel_err, adapters, dtype, hidden, hq, hk, d, t, max_rank, grid)
     cos, sin, max_pos = rotary_tables(d, dtype)
     pos = torch.randint(0, max_pos, (t,), device=DEV)
     ref = rotary_lora_ref(qkv.clone(), ref_h, f, cos, sin, pos, mix, hq, hk, tail_pos)
-    rotary_lora_(qkv, h, f, cos, sin, pos, meta, hq, hk, tail_pos_dev, segments_max=GRIDS[grid])
+    rotary_lora_(qkv, h, f, cos, sin, pos, meta, hq, hk, tail_pos_dev, grid=grid)
     assert rel_err(qkv, ref) <= TOL[dtype] * 2
 
 
@@ -166,23 +166,27 @@ def check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, max_rank, grid):
     f_d = family(inter, [hidden], ranks_for(1, max_rank), max_rank, dtype)
     gu, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_gu, mix, tail_pos, 2 * inter)
     ref_gu = gu.clone()
-    act, parts = silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev, segments_max=GRIDS[grid])
+    act, parts = silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev, grid=grid)
     ref_act, ref_hd = silu_mul_lora_ref(ref_gu, mix, expand=(ref_h, f_gu), shrink=f_d, tail_pos=tail_pos)
     assert rel_err(act, ref_act) <= TOL[dtype] * 2
     assert parts.shape[0] > 1, "several column tiles, so the parts really are summed"
     assert parts.shape[2:4] == (1, 1) and parts.stride(2) == 0, "the parts are per token: no positions"
     assert rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
+    act2, none = silu_mul_lora(gu, meta, h, f_gu, None, tail_pos_dev, grid=grid)   # down's shrink elsewhere
+    assert none is None and rel_err(act2, ref_act) <= TOL[dtype] * 2       # (its own tile and warps: not bitwise)
 
 
+@pytest.mark.parametrize("adapters", ADAPTERS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("grid", GRIDS)
-def test_one_adapter_in_row_blocks(seed, rel_err, dtype, grid):
-    """Past MANY_TOKENS (one adapter only), rotary and SiLU-mul take the step in blocks of rows: the last block
-    partial, rows without LoRA in every block."""
+@pytest.mark.parametrize("grid", [None, "segments", "blocks"])
+def test_steps_past_many_tokens(seed, rel_err, adapters, dtype, grid):
+    """Past MANY_TOKENS, rotary and SiLU-mul take the step in blocks of rows (one adapter: ROW_BLOCK rows of the
+    step, the last partial; several: the step's segment blocks, each segment's last partial, and blocks of the
+    rows without LoRA), by default and forced."""
     hidden, hq, hk, d, inter, _ = SHAPES[0]
     t = MANY_TOKENS + 7 if not CUDA else MAX_TOKENS
-    check_rotary(rel_err, 1, dtype, hidden, hq, hk, d, t, RANKS[-1], grid)
-    check_silu_mul(rel_err, 1, dtype, hidden, inter, t, RANKS[-1], grid)
+    check_rotary(rel_err, adapters, dtype, hidden, hq, hk, d, t, RANKS[-1], grid)
+    check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, RANKS[-1], grid)
 
 
 @pytest.mark.parametrize("pad", [64, 128])
@@ -222,11 +226,6 @@ def test_bad_inputs(seed):
     with pytest.raises(ValueError, match="at most"):
         norm_lora(torch.randn(big, 16, device=DEV), None, w, 1e-6, LoRAMeta.allocate(big, 2, DEV).fill([0] * big),
                   torch.zeros(1, big, 1, 1, 4, device=DEV), f, tail_pos)
-    many = MANY_TOKENS + 1
-    with pytest.raises(ValueError, match="one adapter in a step of more than"):
-        norm_lora(torch.randn(many, 16, device=DEV), None, w, 1e-6,
-                  LoRAMeta.allocate(many, 3, DEV).fill([0, 1] * (many // 2) + [0]),
-                  torch.zeros(1, many, 2, 1, 4, device=DEV), f, tail_pos)
     with pytest.raises(ValueError, match="h must be"):
         norm_lora(x, None, w, 1e-6, meta, torch.zeros(1, 3, 4, device=DEV), f, tail_pos)
     with pytest.raises(ValueError, match="needs tail_pos"):
@@ -243,3 +242,6 @@ def test_bad_inputs(seed):
     with pytest.raises(ValueError, match="3 adapters in the step but h holds 2 tail positions"):
         silu_mul_lora(torch.randn(7, 16, device=DEV), meta3, torch.zeros(1, 7, 2, 2, 4, device=DEV), f_gu, f_d,
                       tail_pos)
+    with pytest.raises(ValueError, match="grid must be"):
+        silu_mul_lora(torch.randn(7, 16, device=DEV), meta3, torch.zeros(1, 7, 4, 2, 4, device=DEV), f_gu, f_d,
+                      tail_pos, grid="tiles")
