@@ -72,9 +72,10 @@ def test_seeded_sampling_on_gpu(tiny):
 
 
 def test_wide_decode_graphs_match_peft(tiny):
-    """Decode batches past 64 requests, from graphs: one adapter rides in the step's kernels in blocks of rows
-    (bucket 160), a few adapters take the SGMV segment-block kernels, more than SEG_BLOCKS_MAX_SEGMENTS (the
-    tiny adapters under 132 names) the block-walking ones."""
+    """Decode batches past 64 requests, from graphs (bucket 160): one adapter rides in the step's kernels in
+    blocks of rows, three in the step's segment blocks; more than the tails hold (70 names for the tiny
+    adapters) take the SGMV segment-block kernels, more than SEG_BLOCKS_MAX_SEGMENTS (132) the block-walking
+    ones."""
     from kernels.lora_meta import SEG_BLOCKS_MAX_SEGMENTS
     model_dir, adapters = tiny
     n = 150
@@ -87,10 +88,11 @@ def test_wide_decode_graphs_match_peft(tiny):
     rng = random.Random(21)
     prompts = [[rng.randrange(3, 380) for _ in range(rng.randrange(3, 20))] for _ in range(n)]
     ref = HFReference(*tiny)
-    for names in (["x0"] * n, [f"x{i % 3}" if i % 5 else None for i in range(n)],
+    assert engine.model.tail_positions == 64
+    for names in (["x0"] * n, [f"x{i % 3}" if i % 5 else None for i in range(n)], [f"x{i % 70}" for i in range(n)],
                   [f"x{i % (SEG_BLOCKS_MAX_SEGMENTS + 4)}" for i in range(n)]):
         outs = engine.generate(prompts, names, GREEDY)
         check_against_reference(ref, prompts[::7], [aliases.get(a) for a in names[::7]], outs[::7])
     assert engine.graphs is not None
     modes = {mode for (bucket, mode) in engine.graphs.graphs if bucket >= 150}
-    assert {("fused", 1), "multi", "many"} <= modes
+    assert {("fused", 1), ("fused", 4), "multi", "many"} <= modes

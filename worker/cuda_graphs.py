@@ -4,9 +4,9 @@ A decode step launches a few hundred small kernels; replaying them as one
 graph removes the launch gaps. Each bucket is captured once per LoRA mode (a
 graph holds only what it captured): no LoRA; for steps on the fused-LoRA path
 (LoRA inside the step's own kernels), once per number of tail positions its GEMMs
-read (``LlamaModel.tail_buckets``); for the others (more tokens, or several adapters
-past ``fused_lora.MANY_TOKENS`` tokens), one adapter, several, and more than
-``SEG_BLOCKS_MAX_SEGMENTS`` (the SGMV wrapper picks different kernels for each).
+read (``LlamaModel.tail_buckets``); for the others (more tokens, or more adapters
+than the tails hold), one adapter, several, and more than ``SEG_BLOCKS_MAX_SEGMENTS``
+(the SGMV wrapper picks different kernels for each).
 A batch is padded up to its bucket: padded rows read and write only the KV
 cache's scratch block and carry no adapter, and their logits are dropped.
 """
@@ -44,9 +44,11 @@ class DecodeGraphs:
             modes += [(("fused", k), [i % k for i in range(n)]) for k in self.model.tail_buckets(n)]
         else:
             modes.append(("single", [0] * n))
-        # one token or one LoRA slot: never two adapters
-        if n > 1 and self.buffers.lora.seg_slot.numel() >= 2 and not self.model.fuses(n, 2):
-            modes.append(("multi", [i % 2 for i in range(n)]))
+        # several adapters on SGMV: two, or one more than the tails hold (none where the batch or the
+        # LoRA slots cannot have that many)
+        k = self.model.tail_positions + 1 if self.model.fuses(n, 2) else 2
+        if n >= k and self.buffers.lora.seg_slot.numel() >= k and k <= SEG_BLOCKS_MAX_SEGMENTS:
+            modes.append(("multi", [i % k for i in range(n)]))
         many = SEG_BLOCKS_MAX_SEGMENTS + 1
         if n >= many and self.buffers.lora.seg_slot.numel() >= many:
             modes.append(("many", [i % many for i in range(n)]))

@@ -62,14 +62,16 @@ def test_fused_path_restages_a_reloaded_slot(tiny):
 
 
 def test_steps_past_64_tokens(tiny):
-    """Prefill steps of more than 64 tokens: one adapter rides in the step's kernels, in blocks of rows; two
-    take the SGMV segment-block kernels."""
+    """Prefill steps of more than 64 tokens ride in the step's kernels: one adapter in blocks of rows, two in
+    the step's segment blocks; with fused LoRA up to 64 tokens only, two take the SGMV segment-block kernels."""
     from kernels.sgmv import apply_path
-    engine = triton_engine(tiny, max_num_batched_tokens=160, fused_lora_tokens=256)
     ref = HFReference(*tiny)
     gen = torch.Generator().manual_seed(0)
     long, a, b = (torch.randint(3, 100, (n,), generator=gen).tolist() for n in (90, 45, 40))
-    assert engine.model.fuses(90, 1) and not engine.model.fuses(85, 2)
-    assert apply_path(85, 2, engine.config.max_lora_rank) == "seg_blocks"
+    engine = triton_engine(tiny, max_num_batched_tokens=160, fused_lora_tokens=256)
+    assert engine.model.fuses(90, 1) and engine.model.fuses(85, 2)
     for prompts, names in (([long], ["ad0"]), ([a, b], ["ad0", "ad3"])):
         generate_and_check(engine, ref, prompts, names, 2)
+    engine = triton_engine(tiny, max_num_batched_tokens=160, fused_lora_tokens=64)
+    assert not engine.model.fuses(85, 2) and apply_path(85, 2, engine.config.max_lora_rank) == "seg_blocks"
+    generate_and_check(engine, ref, [a, b], ["ad0", "ad3"], 2)

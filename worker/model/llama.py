@@ -16,38 +16,42 @@ from worker.step_inputs import StepInputs
 
 
 # rows under each base weight come in multiples of these (where cuBLAS keeps its fast kernel for the
-# shape; bench/NOTES-kernels.md)
-TAIL_PAD = {"qkv": 64, "o": 64, "gate_up": 128}
+# shape; bench/NOTES-kernels.md; down's at 256 tokens: 57.4 us bare, 67.6 with 64 extra rows, 55.4 with 256)
+TAIL_PAD = {"qkv": 64, "o": 64, "gate_up": 128, "down": 256}
 
 
 class LlamaModel:
     """The forward pass; LoRA goes through ``lora.apply(x, y, layer, family, meta)`` (the SGMV kernels),
-    or, for steps of at most ``fused_lora_tokens`` tokens (past ``fused_lora.MANY_TOKENS`` of them, with
-    one adapter), rides in the qkv, o and gate_up GEMMs and the norm, rotary and SiLU-mul kernels
-    (``kernels/fused_lora.py``: no LoRA launch at all; bench/NOTES-kernels.md)."""
+    or, for steps of at most ``fused_lora_tokens`` tokens and ``fused_lora.MAX_ADAPTERS`` adapters, rides in
+    the qkv, o and gate_up GEMMs and the norm, rotary and SiLU-mul kernels (``kernels/fused_lora.py``: no LoRA
+    launch at all; bench/NOTES-kernels.md)."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, ops, lora, fused_lora_tokens: int = 0):
         self.cfg = cfg
         self.w = weights
         self.ops = ops            # attention, norms, rotary, SiLU-mul (torch references or Triton)
         self.lora = lora          # AdapterSlots: the LoRA weights resident for this step
-        self.fused_lora_tokens = self.many_tokens = 0
+        self.fused_lora_tokens = self.tail_positions = 0
         if fused_lora_tokens:
             from kernels import fused_lora          # Triton: imported only where it runs
             self.fused = fused_lora
             self.fused_lora_tokens = min(fused_lora_tokens, fused_lora.MAX_TOKENS)
-            self.many_tokens = min(self.fused_lora_tokens, fused_lora.MANY_TOKENS)   # steps of several adapters
             # qkv, o and gate_up get room under them for the A rows of a step's adapters (one position each,
             # at most one adapter a token); the layers keep views of the base part, so the other paths read
             # exactly the weights they read before (one layer at a time: the copy being made is the only
-            # extra memory)
-            self.tail_positions = min(lora.num_slots, self.many_tokens)
-            self.tails = {f: fused_lora.LoRATails(n, lora.max_rank, self.tail_positions, TAIL_PAD[f])
-                          for f, n in (("qkv", 3), ("o", 1), ("gate_up", 2))}
+            # extra memory); as many as a fused step may have adapters
+            self.tail_positions = min(lora.num_slots, self.fused_lora_tokens, fused_lora.MAX_ADAPTERS)
+            # down's only where steps of more than MANY_TOKENS tokens fuse: they shrink down in its GEMM (SiLU-mul
+            # shrinks it for smaller steps)
+            fams = (("qkv", 3), ("o", 1), ("gate_up", 2)) + \
+                ((("down", 1),) if self.fused_lora_tokens > fused_lora.MANY_TOKENS else ())
+            self.tails = {f: fused_lora.LoRATails(n, lora.max_rank, self.tail_positions, TAIL_PAD[f]) for f, n in fams}
             for w in weights.layers:
                 w.qkv = self.tails["qkv"].add(w.qkv, w.qkv_bias)
                 w.o = self.tails["o"].add(w.o)
                 w.gate_up = self.tails["gate_up"].add(w.gate_up)
+                if "down" in self.tails:
+                    w.down = self.tails["down"].add(w.down)
             self._staged: list[tuple[int, int] | None] = [None] * self.tail_positions   # (slot, generation)
             self.tail_pos = StagedBuffer(lora.num_slots, torch.int32, weights.embed.device)  # slot -> position
             self._pos_of = [0] * lora.num_slots                                                 # its host copy
@@ -93,13 +97,13 @@ class LlamaModel:
         return h
 
     def fused_path(self, s: StepInputs) -> bool:
-        """Whether this step's LoRA rides in the step's own kernels: at least one adapter, and few tokens
-        or, up to ``fused_lora_tokens``, one adapter."""
+        """Whether this step's LoRA rides in the step's own kernels: at most ``fused_lora_tokens`` tokens,
+        and at least one adapter but no more than the tails hold."""
         return self.fuses(s.input_ids.shape[0], s.lora.num_segments)
 
     def fuses(self, tokens: int, adapters: int) -> bool:
         """``fused_path`` for a step of ``tokens`` tokens over ``adapters`` adapters."""
-        return tokens <= self.fused_lora_tokens and (adapters == 1 or (adapters > 1 and tokens <= self.many_tokens))
+        return tokens <= self.fused_lora_tokens and 1 <= adapters <= self.tail_positions
 
     def tail_bucket(self, adapters: int, tokens: int) -> int:
         """Positions the GEMMs of a fused step read: its adapters rounded up to a power of two, but no more
@@ -109,11 +113,11 @@ class LlamaModel:
 
     def tail_buckets(self, tokens: int) -> list[int]:
         """Every ``tail_bucket`` a step of ``tokens`` tokens can have."""
-        most = min(tokens, self.tail_positions) if tokens <= self.many_tokens else 1
+        most = min(tokens, self.tail_positions)
         return sorted({self.tail_bucket(k, tokens) for k in range(1, most + 1)})
 
     def stage_lora(self, s: StepInputs) -> None:
-        """Put the A rows (q/k/v, o, gate/up) of the step's adapters under the base weights, at positions
+        """Put the A rows (q/k/v, o, gate/up, down) of the step's adapters under the base weights, at positions
         below the step's ``tail_bucket``, unless they are there; ``tail_pos`` maps each slot to its position.
 
         Runs before a step (a captured graph replays without it). An adapter that is already staged below
@@ -156,13 +160,16 @@ class LlamaModel:
         """``forward`` with the step's adapters folded into its GEMMs and small kernels.
 
         q/k/v's, o's and gate/up's shrinks come out of the extra columns of their GEMMs
-        (``stage_lora`` put the A rows of the step's adapters there), down's from SiLU-mul, and every expand happens in
-        the kernel that reads the projection's output next.
+        (``stage_lora`` put the A rows of the step's adapters there), down's from SiLU-mul or, in steps of more
+        than ``MANY_TOKENS`` tokens, its GEMM too (bench/NOTES-kernels.md v11: at 256 tokens SiLU-mul's shrink
+        and the norm summing its 224 parts cost more than the extra rows), and every expand happens in the
+        kernel that reads the projection's output next.
         """
         cfg, fl, pos = self.cfg, self.fused, self.tail_pos.device
         layers, fams, eps, meta = self.w.layers, self.lora.layers, cfg.rms_norm_eps, s.lora
         qkv_t, o_t, gu_t = self.tails["qkv"], self.tails["o"], self.tails["gate_up"]
         k = self.tail_bucket(meta.num_segments, s.input_ids.shape[0])
+        down_t = self.tails.get("down") if s.input_ids.shape[0] > fl.MANY_TOKENS else None
         h, residual = self.ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
         for i, layer in enumerate(layers):
             fam = fams[i]
@@ -173,10 +180,13 @@ class LlamaModel:
             o, h_o = o_t.split(F.linear(self._attend(q, kk, v, kv_caches[i], s), o_t.weight(i, k)[0]))
             h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"], pos)
             gu, h_gu = gu_t.split(F.linear(h, gu_t.weight(i, k)[0]))
-            act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], fam["down"], pos)
+            act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], None if down_t else fam["down"], pos)
+            if down_t:
+                d, h_down = down_t.split(F.linear(act, down_t.weight(i, k)[0]))
+            else:
+                d = F.linear(act, layer.down)
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
-            h, residual = fl.norm_lora(F.linear(act, layer.down), residual, next_norm, eps, meta, h_down,
-                                       fam["down"])
+            h, residual = fl.norm_lora(d, residual, next_norm, eps, meta, h_down, fam["down"], pos)
         return h
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
