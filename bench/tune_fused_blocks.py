@@ -1,0 +1,119 @@
+"""The fused-LoRA rotary and SiLU-mul kernels (kernels/fused_lora.py) past MANY_TOKENS tokens, by grid and
+launch parameters, against the plain kernels: one adapter (a program per 64 rows, or the step's segment
+blocks), and several adapters (segment blocks); the expands in float32 (TF32) or the model dtype; SiLU-mul
+with and without down's shrink (its tile width sets how many parts the input norm sums, so that norm is timed
+after each SiLU-mul variant), and the alternative: down's GEMM with the A rows under it, and the norm
+expanding from its columns. Llama-3-8B shapes, rank 16,
+bf16; each timing is one launch inside a graph of 16 calls over 16 layers' own weights (B from DRAM), L2
+flushed before each replay.
+
+    python bench/tune_fused_blocks.py [--tokens 256] [--workloads one uniform skewed]
+                                      (results: bench/results/2026-11-24-h100-fused-blocks.txt)
+"""
+import argparse
+import math
+import random
+import sys
+from pathlib import Path
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
+from kernels import fused, fused_lora as fl
+from kernels.lora_meta import LoRAMeta
+from bench.kernels import graphed, median_us
+
+dev, dt, R, H, I, LAYERS, SLOTS = "cuda", torch.bfloat16, 16, 4096, 14336, 16, 65
+
+
+def per_call(fn):
+    """us per call of fn(layer), over LAYERS layers replayed in one CUDA graph (launch gaps included)."""
+    return median_us(graphed(lambda: [fn(i) for i in range(LAYERS)])) / LAYERS
+
+
+def fam(n_in, widths):
+    n = len(widths)
+    return fl.LoRAWeights((torch.randn(SLOTS, n, R, n_in, device=dev) * 0.02).to(dt),
+                          (torch.randn(SLOTS, R, sum(widths), device=dev) * 0.02).to(dt),
+                          torch.full((SLOTS, n), R, dtype=torch.int32, device=dev), torch.ones(SLOTS, n, device=dev))
+
+
+def token_slots(name, t):
+    """Slots 1.. of the bench's workloads (bench/engine.py): one adapter, Uniform (ceil(sqrt(t)) adapters),
+    Skewed (Zipf 1.5 over t, capped at the 64 tail positions), distinct (one a token)."""
+    if name == "one":
+        return [1] * t
+    if name == "uniform":
+        n = math.ceil(math.sqrt(t))
+        return [1 + i % n for i in range(t)]
+    if name == "skewed":
+        picks = random.Random(0).choices(range(t), weights=[1 / (k + 1) ** 1.5 for k in range(t)], k=t)
+        ids = {a: i + 1 for i, a in enumerate(dict.fromkeys(picks))}
+        return [min(ids[a], SLOTS - 1) for a in picks]
+    if name == "distinct":
+        return [1 + i % (SLOTS - 1) for i in range(t)]
+    raise ValueError(name)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[256])
+    ap.add_argument("--workloads", nargs="+", default=["one", "uniform", "skewed"])
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    tail_pos = torch.arange(SLOTS, dtype=torch.int32, device=dev) - 1        # slot s at position s - 1
+    f_d = [fam(I, [H]) for _ in range(LAYERS)]
+    f_gu = [fam(H, [I, I]) for _ in range(LAYERS)]
+    f_qkv = [fam(H, [4096, 1024, 1024]) for _ in range(LAYERS)]
+    cos = torch.randn(4096, 128, device=dev).to(dt)
+    w = torch.ones(H, device=dev, dtype=dt)
+    for t in args.tokens:
+        x = [torch.randn(t, H, device=dev).to(dt) for _ in range(LAYERS)]
+        res = torch.randn(t, H, device=dev).to(dt)
+        gu = [torch.randn(t, 2 * I, device=dev).to(dt) for _ in range(LAYERS)]
+        qkv = [torch.randn(t, 6144, device=dev).to(dt) for _ in range(LAYERS)]
+        pos = torch.arange(t, device=dev)
+        print(f"\n#### {t} tokens")
+        print(f"add_rms_norm {per_call(lambda i: fused.add_rms_norm(x[i], res, w, 1e-5)):6.2f} us")
+        print(f"silu_mul     {per_call(lambda i: fused.silu_mul(gu[i])):6.2f} us")
+        print(f"rotary       {per_call(lambda i: fused.rotary_(qkv[i][:, :4096].view(t, 32, 128), qkv[i][:, 4096:5120].view(t, 8, 128), cos, cos, pos)):6.2f} us")
+        wd = [torch.randn(H, I, device=dev).to(dt) for _ in range(LAYERS)]
+        for k in (0, 1, 16, 64):          # down's GEMM with the A rows of k adapters under it (padded to 64)
+            tails = fl.LoRATails(1, R, max(k, 1))
+            for wi in wd:
+                tails.add(wi)
+            ext = [tails.weight(i, k)[0] if k else wd[i] for i in range(LAYERS)]
+            act = torch.randn(t, I, device=dev).to(dt)
+            print(f"down GEMM + {ext[0].shape[0] - H:4d} rows: {per_call(lambda i: torch.nn.functional.linear(act, ext[i])):6.2f} us")
+            del tails, ext
+        del wd
+        for name in args.workloads:
+            slots = token_slots(name, t)
+            meta = LoRAMeta.allocate(t, SLOTS, dev).fill(slots)
+            k = min(1 << (meta.num_segments - 1).bit_length(), 64)
+            h_gu = torch.randn(t, k, 2, R, device=dev).to(dt)[None]
+            h_qkv = torch.randn(t, k, 3, R, device=dev).to(dt)[None]
+            print(f"\n== {name}: {meta.num_segments} adapters, {k} tail positions", flush=True)
+            grids = (["segments", "blocks"] if k == 1 else ["blocks"]) if t > fl.MANY_TOKENS else [None]
+            h_d = torch.randn(t, k, 1, R, device=dev).to(dt)[None]      # down's h from its GEMM's columns
+            print(f"norm_lora(down from its GEMM): {per_call(lambda i: fl.norm_lora(x[i], res, w, 1e-5, meta, h_d, f_d[i], tail_pos)):6.2f} us")
+            for native in (False, True):
+                fl.NATIVE_EXPAND = native
+                for grid in grids:
+                    for nw in (4, 8):
+                        us = per_call(lambda i: fl.rotary_lora_(qkv[i], h_qkv, f_qkv[i], cos, cos, pos, meta, 32, 8,
+                                                                tail_pos, num_warps=nw, grid=grid))
+                        print(f"rotary_lora {grid} native {native} warps {nw}: {us:6.2f} us", flush=True)
+                    for bn, snw in ((64, 2), (64, 4), (128, 4)):
+                        kw = dict(block_n=bn, num_warps=snw, grid=grid)
+                        act, parts = fl.silu_mul_lora(gu[0], meta, h_gu, f_gu[0], f_d[0], tail_pos, **kw)
+                        silu = per_call(lambda i: fl.silu_mul_lora(gu[i], meta, h_gu, f_gu[i], f_d[i], tail_pos, **kw))
+                        norm = per_call(lambda i: fl.norm_lora(x[i], res, w, 1e-5, meta, parts, f_d[i], tail_pos))
+                        bare = per_call(lambda i: fl.silu_mul_lora(gu[i], meta, h_gu, f_gu[i], None, tail_pos, **kw))
+                        print(f"silu {grid} native {native} bn {bn:3d} warps {snw} ({parts.shape[0]:3d} parts): "
+                              f"{silu:6.2f} us, norm(down) {norm:6.2f} us, sum {silu + norm:6.2f}; without down's "
+                              f"shrink {bare:6.2f} us", flush=True)
+            fl.NATIVE_EXPAND = True
+            fl.BLOCK_PROGRAMS = 1
+
+
+if __name__ == "__main__":
+    main()
