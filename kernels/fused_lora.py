@@ -15,6 +15,9 @@ of few tokens, every shrink and expand rides in a kernel the step runs anyway:
     SiLU-mul     expand of gate/up, silu(g) * u, shrink of down (a partial per column tile)
     input norm   expand of the previous down (summing those partials), + residual, w * rmsnorm
 
+(Past ``MANY_TOKENS`` tokens down's A rows sit under its GEMM too, and the input norm expands
+from its columns: the engine passes no ``down_fam`` to SiLU-mul.)
+
 So LoRA costs its bytes, once each: the GEMMs read each staged A once, and each
 token's B is read by the kernel that handles the token. Why these places
 (bench/NOTES-kernels.md, batch 32 on the H100): 64 extra rows cost cuBLAS 0.3-1.7 us
@@ -33,8 +36,9 @@ tile, segment): the segment's B tiles load once and multiply on tensor cores, an
 program stores its own rows only (segment 0 also takes the rows without LoRA). With
 many adapters (``SEGMENTS_MAX``) one program a head or tile does every row, each row
 gathering its own adapter's B rank by rank. Steps of more than ``MANY_TOKENS`` tokens
-(a batch of 256 decodes on one adapter) take one adapter only, in blocks of
-``ROW_BLOCK`` rows a program: a program per segment would load every row of the step.
+(a batch of 256 decodes) walk the step's segment blocks (``LoRAMeta``: 16 sorted rows of
+one adapter, or of rows without LoRA): a program per segment would load every row of the
+step, and per-row gathers multiply rank by rank on CUDA cores.
 
 Semantics (``kernels/fused_lora_torch.py``) are those of the unfused path: the
 expanded projection output is rounded to the model dtype before the op that
@@ -486,11 +490,12 @@ def _check_meta(meta: LoRAMeta, t: int) -> None:
 
 
 def _grid(meta: LoRAMeta, h: torch.Tensor, t: int, kernel: str, grid: str | None) -> tuple[str, int, int]:
-    """(grid, programs along axis 1, rows a program takes at once) of a rotary or SiLU-mul launch:
-    "segments", a program per tail position of h (the step's adapters sit at distinct positions below
-    it), for one position or, up to MANY_TOKENS tokens, at most ``SEGMENTS_MAX[kernel]`` of them; "rows"
-    (per-row gathers) for more, and "blocks" (the step's segment blocks, ``BLOCK_PROGRAMS`` programs a
-    SEG_BLOCK tokens) past MANY_TOKENS. Decided by h's shape and the step's size, so that a captured
+    """(grid, programs along axis 1, rows a program takes at once) of a rotary or SiLU-mul launch. Up to
+    MANY_TOKENS tokens, "segments", a program per tail position of h (the step's adapters sit at distinct
+    positions below it), for at most ``SEGMENTS_MAX[kernel]`` of them, else "rows" (per-row gathers); past
+    MANY_TOKENS, "blocks" (the step's segment blocks, ``BLOCK_PROGRAMS`` programs a SEG_BLOCK tokens; for
+    one adapter too: 7.4 against 7.5 us for rotary at 256 tokens, SiLU-mul without down's shrink 16.3
+    against 17.9 on 64-row blocks, bench/NOTES-kernels.md v11). Decided by h's shape and the step's size, so that a captured
     graph keeps its grid for every step of its bucket; programs past the step's segments or blocks do
     nothing. ``grid`` forces one (tests, tuning)."""
     k = h.shape[2]
