@@ -368,9 +368,9 @@ def _silu_lora(g, u, slot, use, rows, cols, col_ok, n, tail_pos_ptr, n_pos, hg_p
     u = _expand_tile(u, h, slot, rank, tl.load(scal_g_ptr + s0 * 2 + 1), bg_ptr, stride_bgs, stride_bgr,
                      n + cols, col_ok, BLOCK_R, NATIVE_E, IEEE)
     act = _silu_mul(g, u, dt)
-    r = tl.arange(0, BLOCK_R)
     if not SHRINK:
         return act, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)      # (nothing stores it)
+    r = tl.arange(0, BLOCK_R)
     rank = tl.where(slot >= 0, tl.load(rank_d_ptr + s0), 0)
     a = tl.load(a_ptr + s0.to(tl.int64) * stride_as + r[:, None] * stride_ar + cols[None, :],
                 mask=(r < rank)[:, None] & col_ok[None, :], other=0.0)

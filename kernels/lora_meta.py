@@ -125,9 +125,12 @@ class LoRAMeta:
         if n > max_tokens:
             raise ValueError(f"{n} tokens exceed the LoRA metadata capacity {max_tokens}")
         by_slot: dict[int, list[int]] = {}
+        none: list[int] = []                  # the tokens without LoRA, listed after the segments
         for t, s in enumerate(token_slots):
             if s >= 0:
                 by_slot.setdefault(s, []).append(t)
+            else:
+                none.append(t)
         if len(by_slot) > max_slots:
             raise ValueError(f"{len(by_slot)} distinct adapters exceed {max_slots} LoRA slots")
         order: list[int] = []
@@ -158,7 +161,7 @@ class LoRAMeta:
         # token_slot's unused tail goes along as it stands in the host twin (no kernel reads past the step)
         blk = 2 * max_slots + 1 + 2 * max_tokens
         self.staged.put(indptr + [indptr[-1]] * pad + slots + [-1] * pad + token_slots,
-                        tail={2 * max_slots + 1 + max_tokens: order + [t for t, s in enumerate(token_slots) if s < 0],
+                        tail={2 * max_slots + 1 + max_tokens: order + none,
                               blk: [lora_blocks, len(starts)] + starts + rest + ends + rest + bslots + rest})
         self._filled = list(token_slots)
         return self
