@@ -7,11 +7,10 @@ expanding from its columns. Llama-3-8B shapes, rank 16,
 bf16; each timing is one launch inside a graph of 16 calls over 16 layers' own weights (B from DRAM), L2
 flushed before each replay.
 
-    python bench/tune_fused_blocks.py [--tokens 256] [--workloads one uniform skewed]
+    python bench/tune_fused_blocks.py [--tokens 256] [--workloads identical uniform skewed]
                                       (results: bench/results/2026-11-24-h100-fused-blocks.txt)
 """
 import argparse
-import math
 import random
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
 from kernels.lora_meta import LoRAMeta
+from bench.engine import workload
 from bench.kernels import graphed, median_us
 
 dev, dt, R, H, I, LAYERS, SLOTS = "cuda", torch.bfloat16, 16, 4096, 14336, 16, 65
@@ -37,26 +37,16 @@ def fam(n_in, widths):
 
 
 def token_slots(name, t):
-    """Slots 1.. of the bench's workloads (bench/engine.py): one adapter, Uniform (ceil(sqrt(t)) adapters),
-    Skewed (Zipf 1.5 over t, capped at the 64 tail positions), distinct (one a token)."""
-    if name == "one":
-        return [1] * t
-    if name == "uniform":
-        n = math.ceil(math.sqrt(t))
-        return [1 + i % n for i in range(t)]
-    if name == "skewed":
-        picks = random.Random(0).choices(range(t), weights=[1 / (k + 1) ** 1.5 for k in range(t)], k=t)
-        ids = {a: i + 1 for i, a in enumerate(dict.fromkeys(picks))}
-        return [min(ids[a], SLOTS - 1) for a in picks]
-    if name == "distinct":
-        return [1 + i % (SLOTS - 1) for i in range(t)]
-    raise ValueError(name)
+    """Slots 1.. of the bench's workload ``name`` (bench/engine.py) over t tokens, its adapters numbered in
+    order of first use and capped at the 64 tail positions (Skewed at 256 tokens has 50)."""
+    ids = {}
+    return [min(ids.setdefault(a, len(ids) + 1), SLOTS - 1) for a in workload(name, t, random.Random(0))]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[256])
-    ap.add_argument("--workloads", nargs="+", default=["one", "uniform", "skewed"])
+    ap.add_argument("--workloads", nargs="+", default=["identical", "uniform", "skewed"])
     args = ap.parse_args()
     torch.manual_seed(0)
     tail_pos = torch.arange(SLOTS, dtype=torch.int32, device=dev) - 1        # slot s at position s - 1
