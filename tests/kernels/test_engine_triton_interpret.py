@@ -75,3 +75,16 @@ def test_steps_past_64_tokens(tiny):
     engine = triton_engine(tiny, max_num_batched_tokens=160, fused_lora_tokens=64)
     assert not engine.model.fuses(85, 2) and apply_path(85, 2, engine.config.max_lora_rank) == "seg_blocks"
     generate_and_check(engine, ref, [a, b], ["ad0", "ad3"], 2)
+
+
+def test_tail_buckets_step_between_powers_of_two(tiny):
+    """A fused step's GEMMs read the A rows of its adapters rounded up to the next tail bucket (powers of two
+    and the steps between them), never more positions than the step has tokens or the tails hold."""
+    from worker.model.llama import TAIL_BUCKETS
+    model = triton_engine(tiny, max_num_batched_tokens=256, fused_lora_tokens=256, max_loras=64).model
+    assert model.tail_positions == 64
+    assert [model.tail_bucket(k, 256) for k in (1, 3, 5, 7, 10, 13, 47, 64)] == [1, 4, 6, 8, 12, 16, 48, 64]
+    assert model.tail_bucket(5, 5) == 5 and model.tail_bucket(30, 20) == 20
+    assert model.tail_buckets(256) == list(TAIL_BUCKETS) and model.tail_buckets(10) == [1, 2, 4, 6, 8, 10]
+    small = triton_engine(tiny, max_num_batched_tokens=64, fused_lora_tokens=64, max_loras=5).model
+    assert small.tail_positions == 5 and small.tail_buckets(64) == [1, 2, 4, 5]

@@ -18,6 +18,10 @@ from worker.step_inputs import StepInputs
 # rows under each base weight come in multiples of these (where cuBLAS keeps its fast kernel for the
 # shape; bench/NOTES-kernels.md; down's at 256 tokens: 57.4 us bare, 67.6 with 64 extra rows, 55.4 with 256)
 TAIL_PAD = {"qkv": 64, "o": 64, "gate_up": 128, "down": 256}
+# tail positions a fused step's GEMMs read, its adapters rounded up to one of these: powers of two and the
+# steps between them (a step's GEMMs read every position of its bucket; with powers of two alone, batch 256's
+# 47 Skewed adapters read 64 adapters' A rows); each is one more captured graph a batch bucket
+TAIL_BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class LlamaModel:
@@ -106,10 +110,11 @@ class LlamaModel:
         return tokens <= self.fused_lora_tokens and 1 <= adapters <= self.tail_positions
 
     def tail_bucket(self, adapters: int, tokens: int) -> int:
-        """Positions the GEMMs of a fused step read: its adapters rounded up to a power of two, but no more
-        than the step's tokens or the tails hold (a captured graph fixes the GEMM shapes, so steps share
-        these few sizes; ``tail_buckets`` lists them)."""
-        return min(1 << (adapters - 1).bit_length(), tokens, self.tail_positions)
+        """Positions the GEMMs of a fused step read: its adapters rounded up to the next of ``TAIL_BUCKETS``,
+        but no more than the step's tokens or the tails hold (a captured graph fixes the GEMM shapes, so steps
+        share these few sizes; ``tail_buckets`` lists them)."""
+        up = next((b for b in TAIL_BUCKETS if b >= adapters), 1 << (adapters - 1).bit_length())
+        return min(up, tokens, self.tail_positions)
 
     def tail_buckets(self, tokens: int) -> list[int]:
         """Every ``tail_bucket`` a step of ``tokens`` tokens can have."""
