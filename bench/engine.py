@@ -1,6 +1,7 @@
 """End-to-end decode throughput on random Llama-3-8B-shaped weights (nothing downloaded).
 
-    python bench/engine.py [--batches 32 256] [--new-tokens 128] [--no-hf] [--out bench/results]
+    python bench/engine.py [--batches 32 256] [--workloads identical ...] [--new-tokens 128] [--rounds 3]
+                           [--hf 32:distinct ...] [--fused-lora-tokens N] [--out bench/results] [--smoke]
 
 128-token prompts, 128 new tokens (greedy, EOS ignored), rank-16 adapters on all
 7 projections. Workloads follow Punica's definitions: Identical (one adapter),
@@ -10,6 +11,9 @@ Systems, in one run: our engine with LoRA, our engine base-only, transformers +
 PEFT (`generate(adapter_names=...)`, fewer new tokens: it is slow), and the
 roofline (weights + KV + adapter bytes a decode step must read, over the copy
 bandwidth measured in the same run).
+Each batch runs `--rounds` rounds of base-only then every workload, and a workload's LoRA overhead is the median
+of its ratios to the same round's base step: the base step drifts ~5% between runs (clocks, host), so a single
+base measurement taken first would skew every overhead.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import gc
 import json
 import math
 import random
+import statistics
 import tempfile
 import time
 
@@ -115,6 +120,45 @@ def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | No
             "total_s": total, "generated": generated}
 
 
+def median_run(runs: list[dict], batch: int) -> dict:
+    """Per-key median of ``run_engine`` results over rounds, with the per-round steps kept alongside."""
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "generated"}
+    med["decode_tok_per_s"] = batch / (med["step_ms_p50"] / 1e3)  # consistent with the reported step
+    return {**med, "generated": runs[0]["generated"],             # the same every round: EOS is ignored
+            "step_ms_rounds": [round(r["step_ms_p50"], 3) for r in runs]}
+
+
+def bench_batch(engine: Engine, names: list[str], prompts: list[list[int]], assigns: dict[str, list[int]],
+                rounds: int, new_tokens: int, copy_Bps: float) -> list[dict]:
+    """Rows for one batch: base, then per workload our engine and its roofline; medians over ``rounds``."""
+    batch = len(prompts)
+    ctx = len(prompts[0]) + new_tokens / 2
+    base_runs: list[dict] = []
+    lora_runs: dict[str, list[dict]] = {w: [] for w in assigns}
+    overheads: dict[str, list[float]] = {w: [] for w in assigns}
+    for r in range(rounds):
+        base = run_engine(engine, prompts, [None] * batch, new_tokens)
+        base_runs.append(base)
+        shown = [{"workload": "base", **base}]
+        for w, assign in assigns.items():
+            res = run_engine(engine, prompts, [names[i] for i in assign], new_tokens)
+            lora_runs[w].append(res)
+            overheads[w].append(100 * (res["step_ms_p50"] / base["step_ms_p50"] - 1))
+            shown.append({"workload": w, "distinct": len(set(assign)), **res, "lora_overhead_pct": overheads[w][-1]})
+        print(f"batch {batch}, round {r + 1}/{rounds}", flush=True)
+        print(table(shown, ["workload", "distinct", "decode_tok_per_s", "step_ms_p50", "ttft_ms_p50",
+                            "lora_overhead_pct"]), flush=True)
+    rows = [{"system": "openlora-base", "workload": "base", "batch": batch, **median_run(base_runs, batch)}]
+    for w, assign in assigns.items():
+        floor = roofline(engine, batch, len(set(assign)), ctx, copy_Bps)
+        rows.append({"system": "openlora", "workload": w, "batch": batch, "distinct": len(set(assign)),
+                     **median_run(lora_runs[w], batch), "lora_overhead_pct": statistics.median(overheads[w]),
+                     "lora_overhead_pct_rounds": [round(o, 3) for o in overheads[w]],
+                     "byte_floor_overhead_pct": floor["lora_byte_overhead_pct"]})
+        rows.append({"system": "roofline", "workload": w, "batch": batch, "distinct": len(set(assign)), **floor})
+    return rows
+
+
 def roofline(engine: Engine, batch: int, distinct: int, ctx: float, copy_Bps: float) -> dict:
     cfg = engine.model_config
     weight_bytes = engine.model.w.nbytes()
@@ -182,8 +226,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--fused-lora-tokens", type=int, default=None,
                     help="steps up to this many tokens fold LoRA into the fused ops (0: separate SGMV kernels)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of base + every workload per batch; results are medians (default 3, smoke 1)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks that the bench runs")
     args = ap.parse_args()
+    if args.rounds is None:
+        args.rounds = 1 if args.smoke else 3
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.smoke:
         args.batches, args.new_tokens, args.hf_new_tokens, args.prompt_len = [4], 4, 2, 8
         args.hf = ["4:distinct"]
@@ -209,24 +259,11 @@ def main() -> None:
         vocab = engine.model_config.vocab_size
         warm = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(4)]
         run_engine(engine, warm, [names[0], None, names[1], names[2]], 4)
-        ctx = args.prompt_len + args.new_tokens / 2
         for batch in args.batches:
             prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(batch)]
-            base = run_engine(engine, prompts, [None] * batch, args.new_tokens)
-            rows.append({"system": "openlora-base", "workload": "base", "batch": batch, **base})
-            for w in args.workloads:
-                assign = workload(w, batch, rng)
-                res = run_engine(engine, prompts, [names[i] for i in assign], args.new_tokens)
-                floor = roofline(engine, batch, len(set(assign)), ctx, copy * 1e12)
-                overhead = 100 * (res["step_ms_p50"] / base["step_ms_p50"] - 1)
-                rows.append({"system": "openlora", "workload": w, "batch": batch, "distinct": len(set(assign)),
-                             **res, "lora_overhead_pct": overhead,
-                             "byte_floor_overhead_pct": floor["lora_byte_overhead_pct"]})
-                rows.append({"system": "roofline", "workload": w, "batch": batch, "distinct": len(set(assign)),
-                             **floor})
-                print(table(rows[-2:], ["system", "workload", "batch", "distinct", "decode_tok_per_s",
-                                        "step_ms_p50", "ttft_ms_p50", "lora_overhead_pct",
-                                        "byte_floor_overhead_pct"]), flush=True)
+            # drawn once, in the same rng order as before rounds existed, so every round runs the same requests
+            assigns = {w: workload(w, batch, rng) for w in args.workloads}
+            rows += bench_batch(engine, names, prompts, assigns, args.rounds, args.new_tokens, copy * 1e12)
         del engine
         free_memory(device)
     for spec in args.hf:
@@ -244,7 +281,7 @@ def main() -> None:
         return
     path = write_result("engine", rows, args.out, copy_TBps=round(copy, 3), model="llama-3-8b-shaped (random)",
                         dtype="bfloat16", prompt_len=args.prompt_len, new_tokens=args.new_tokens, rank=RANK,
-                        fused_lora_tokens=fused_lora_tokens)
+                        fused_lora_tokens=fused_lora_tokens, rounds=args.rounds)
     print(table(rows, ["system", "workload", "batch", "distinct", "decode_tok_per_s", "tok_per_s", "step_ms_p50",
                        "ttft_ms_p50", "lora_overhead_pct", "byte_floor_overhead_pct"]))
     print(f"wrote {path}")
