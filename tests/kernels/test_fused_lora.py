@@ -180,9 +180,9 @@ def check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, max_rank, grid):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grid", [None, "segments", "blocks"])
 def test_steps_past_many_tokens(seed, rel_err, adapters, dtype, grid):
-    """Past MANY_TOKENS, rotary and SiLU-mul take the step in blocks of rows (one adapter: ROW_BLOCK rows of the
-    step, the last partial; several: the step's segment blocks, each segment's last partial, and blocks of the
-    rows without LoRA), by default and forced."""
+    """Past MANY_TOKENS, rotary and SiLU-mul take the step in blocks of rows: by default the step's segment
+    blocks (each segment's last partial, and blocks of the rows without LoRA); forced to "segments", a program
+    per segment over blocks of ROW_BLOCK rows, the last partial."""
     hidden, hq, hk, d, inter, _ = SHAPES[0]
     t = MANY_TOKENS + 7 if not CUDA else MAX_TOKENS
     check_rotary(rel_err, adapters, dtype, hidden, hq, hk, d, t, RANKS[-1], grid)
