@@ -1,6 +1,6 @@
 """End-to-end decode throughput on random Llama-3-8B-shaped weights (nothing downloaded).
 
-    python bench/engine.py [--batches 32 256] [--workloads identical ...] [--new-tokens 128] [--rounds 3]
+    python bench/engine.py [--batches 32 256] [--workloads identical ...] [--new-tokens 128] [--rounds 5]
                            [--hf 32:distinct ...] [--fused-lora-tokens N] [--out bench/results] [--smoke]
 
 128-token prompts, 128 new tokens (greedy, EOS ignored), rank-16 adapters on all
@@ -11,9 +11,9 @@ Systems, in one run: our engine with LoRA, our engine base-only, transformers +
 PEFT (`generate(adapter_names=...)`, fewer new tokens: it is slow), and the
 roofline (weights + KV + adapter bytes a decode step must read, over the copy
 bandwidth measured in the same run).
-Each batch runs `--rounds` rounds of base-only then every workload, and a workload's LoRA overhead is the median
-of its ratios to the same round's base step: the base step drifts ~5% between runs (clocks, host), so a single
-base measurement taken first would skew every overhead.
+Each batch runs `--rounds` rounds of every workload, each round between two base-only runs, and a workload's
+LoRA overhead is the median over rounds of its ratio to the mean of its round's two base steps: the base step
+drifts ~5% between runs (clocks, host), so a single base measurement taken first would skew every overhead.
 """
 from __future__ import annotations
 
@@ -130,21 +130,25 @@ def median_run(runs: list[dict], batch: int) -> dict:
 
 def bench_batch(engine: Engine, names: list[str], prompts: list[list[int]], assigns: dict[str, list[int]],
                 rounds: int, new_tokens: int, copy_Bps: float) -> list[dict]:
-    """Rows for one batch: base, then per workload our engine and its roofline; medians over ``rounds``."""
+    """Rows for one batch: base, then per workload our engine and its roofline; medians over ``rounds`` (base:
+    over its rounds + 1 runs)."""
     batch = len(prompts)
     ctx = len(prompts[0]) + new_tokens / 2
     base_runs: list[dict] = []
     lora_runs: dict[str, list[dict]] = {w: [] for w in assigns}
     overheads: dict[str, list[float]] = {w: [] for w in assigns}
+    base_runs.append(run_engine(engine, prompts, [None] * batch, new_tokens))
     for r in range(rounds):
-        base = run_engine(engine, prompts, [None] * batch, new_tokens)
-        base_runs.append(base)
-        shown = [{"workload": "base", **base}]
+        shown = [{"workload": "base", **base_runs[-1]}]
         for w, assign in assigns.items():
-            res = run_engine(engine, prompts, [names[i] for i in assign], new_tokens)
-            lora_runs[w].append(res)
-            overheads[w].append(100 * (res["step_ms_p50"] / base["step_ms_p50"] - 1))
-            shown.append({"workload": w, "distinct": len(set(assign)), **res, "lora_overhead_pct": overheads[w][-1]})
+            lora_runs[w].append(run_engine(engine, prompts, [names[i] for i in assign], new_tokens))
+            shown.append({"workload": w, "distinct": len(set(assign)), **lora_runs[w][-1]})
+        base_runs.append(run_engine(engine, prompts, [None] * batch, new_tokens))
+        shown.append({"workload": "base", **base_runs[-1]})
+        base_step = (base_runs[-2]["step_ms_p50"] + base_runs[-1]["step_ms_p50"]) / 2   # the round's brackets
+        for row in shown[1:-1]:
+            overheads[row["workload"]].append(100 * (row["step_ms_p50"] / base_step - 1))
+            row["lora_overhead_pct"] = overheads[row["workload"]][-1]
         print(f"batch {batch}, round {r + 1}/{rounds}", flush=True)
         print(table(shown, ["workload", "distinct", "decode_tok_per_s", "step_ms_p50", "ttft_ms_p50",
                             "lora_overhead_pct"]), flush=True)
@@ -227,11 +231,12 @@ def main() -> None:
     ap.add_argument("--fused-lora-tokens", type=int, default=None,
                     help="steps up to this many tokens fold LoRA into the fused ops (0: separate SGMV kernels)")
     ap.add_argument("--rounds", type=int, default=None,
-                    help="rounds of base + every workload per batch; results are medians (default 3, smoke 1)")
+                    help="rounds of every workload per batch, each between base-only runs; results are medians "
+                         "(default 5, smoke 1)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks that the bench runs")
     args = ap.parse_args()
     if args.rounds is None:
-        args.rounds = 1 if args.smoke else 3
+        args.rounds = 1 if args.smoke else 5
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.smoke:
