@@ -102,7 +102,6 @@ def main():
                               f"{silu:6.2f} us, norm(down) {norm:6.2f} us, sum {silu + norm:6.2f}; without down's "
                               f"shrink {bare:6.2f} us", flush=True)
             fl.NATIVE_EXPAND = True
-            fl.BLOCK_PROGRAMS = 1
 
 
 if __name__ == "__main__":

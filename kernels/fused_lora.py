@@ -62,7 +62,6 @@ MAX_ADAPTERS = 64         # adapters a step may have: tail positions under each 
 MANY_TOKENS = 64          # past this, several adapters take the segment-block grid: programs per segment would
                           # each read the whole step
 ROW_BLOCK = 64            # rows a rotary or SiLU-mul program takes (program_id 2 walks the step's blocks)
-BLOCK_PROGRAMS = 1        # segment-block grid: programs a SEG_BLOCK tokens of the step (each loops over blocks)
 NATIVE_EXPAND = True      # past MANY_TOKENS tokens, rotary's and SiLU-mul's expands in the model dtype (``_native_expand``)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tuned on the H100)
@@ -493,10 +492,10 @@ def _grid(meta: LoRAMeta, h: torch.Tensor, t: int, kernel: str, grid: str | None
     """(grid, programs along axis 1, rows a program takes at once) of a rotary or SiLU-mul launch. Up to
     MANY_TOKENS tokens, "segments", a program per tail position of h (the step's adapters sit at distinct
     positions below it), for at most ``SEGMENTS_MAX[kernel]`` of them, else "rows" (per-row gathers); past
-    MANY_TOKENS, "blocks" (the step's segment blocks, ``BLOCK_PROGRAMS`` programs a SEG_BLOCK tokens; for
-    one adapter too: 7.4 against 7.5 us for rotary at 256 tokens, SiLU-mul without down's shrink 16.3
-    against 17.9 on 64-row blocks, bench/NOTES-kernels.md v11). Decided by h's shape and the step's size, so that a captured
-    graph keeps its grid for every step of its bucket; programs past the step's segments or blocks do
+    MANY_TOKENS, "blocks" (the step's segment blocks, a program a SEG_BLOCK tokens of the step, each looping
+    over blocks; for one adapter too: 7.4 against 7.5 us for rotary at 256 tokens, SiLU-mul without down's
+    shrink 16.3 against 17.9 on 64-row blocks, bench/NOTES-kernels.md v11). Decided by h's shape and the
+    step's size, so that a captured graph keeps its grid for every step of its bucket; programs past the step's segments or blocks do
     nothing. ``grid`` forces one (tests, tuning)."""
     k = h.shape[2]
     if meta.num_segments > k:
@@ -504,7 +503,7 @@ def _grid(meta: LoRAMeta, h: torch.Tensor, t: int, kernel: str, grid: str | None
     if grid is None:
         grid = "blocks" if t > MANY_TOKENS else "segments" if k <= SEGMENTS_MAX[kernel] else "rows"
     if grid == "blocks":
-        return grid, triton.cdiv(t, SEG_BLOCK) * BLOCK_PROGRAMS, SEG_BLOCK
+        return grid, triton.cdiv(t, SEG_BLOCK), SEG_BLOCK
     if grid not in ("segments", "rows"):
         raise ValueError(f"grid must be segments, rows or blocks, got {grid!r}")
     return grid, k if grid == "segments" else 1, _block_m(t)
