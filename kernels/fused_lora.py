@@ -15,14 +15,14 @@ of few tokens, every shrink and expand rides in a kernel the step runs anyway:
     SiLU-mul     expand of gate/up, silu(g) * u, shrink of down (a partial per column tile)
     input norm   expand of the previous down (summing those partials), + residual, w * rmsnorm
 
-(Past ``MANY_TOKENS`` tokens down's A rows sit under its GEMM too, and the input norm expands
-from its columns: the engine passes no ``down_fam`` to SiLU-mul.)
+(The engine may put down's A rows under its GEMM too, and the input norm then expands from its
+columns: it passes no ``down_fam`` to SiLU-mul; ``LlamaModel.down_in_gemm`` says for which steps.)
 
 So LoRA costs its bytes, once each: the GEMMs read each staged A once, and each
 token's B is read by the kernel that handles the token. Why these places
 (bench/NOTES-kernels.md, batch 32 on the H100): 64 extra rows cost cuBLAS 0.3-1.7 us
-under qkv, o and gate_up but 3 us under down, whose shrink therefore runs in
-SiLU-mul, the kernel that makes its input; a norm that also shrank gate/up took
+under qkv, o and gate_up but 3 us under down, whose shrink therefore may run in
+SiLU-mul, the kernel that makes its input (for which steps: ``LlamaModel.down_in_gemm``); a norm that also shrank gate/up took
 8.3 us against 4.4 us for expand alone (one row a program reads its whole A).
 
 h is a strided view ``[parts, T, positions, n_slices, >= max_rank]`` summed over
@@ -649,9 +649,13 @@ class LoRATails:
         self.ext: list[torch.Tensor] = []
         self.bias: list[torch.Tensor | None] = []
 
-    def rows(self, positions: int) -> int:
-        """Extra rows a GEMM over the first ``positions`` positions reads (padded)."""
-        return -(-positions * self.block // self.pad) * self.pad
+    def rows(self, positions: int, pad: int | None = None) -> int:
+        """Extra rows a GEMM over the first ``positions`` positions reads (padded to ``pad``, by default the
+        tails' own; a smaller one must divide it, so that the rows lie inside the allocation)."""
+        pad = pad or self.pad
+        if self.pad % pad:
+            raise ValueError(f"a pad of {pad} rows does not divide the tails' {self.pad}")
+        return -(-positions * self.block // pad) * pad
 
     def add(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.ext and w.shape != (self.out, self.ext[0].shape[1]):
@@ -663,11 +667,11 @@ class LoRATails:
         self.bias.append(None if bias is None else torch.cat((bias, bias.new_zeros(self.extra))))
         return e[: self.out]
 
-    def weight(self, layer: int, positions: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight, bias) of layer ``layer`` with the A rows of the first ``positions`` positions."""
+    def weight(self, layer: int, positions: int, pad: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of layer ``layer`` with the A rows of the first ``positions`` positions (``rows``)."""
         if not 1 <= positions <= self.positions:
             raise ValueError(f"positions must be in [1, {self.positions}], got {positions}")
-        end = self.out + self.rows(positions)
+        end = self.out + self.rows(positions, pad)
         b = self.bias[layer]
         return self.ext[layer][:end], None if b is None else b[:end]
 

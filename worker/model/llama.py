@@ -22,6 +22,14 @@ TAIL_PAD = {"qkv": 64, "o": 64, "gate_up": 128, "down": 256}
 # steps between them (a step's GEMMs read every position of its bucket; with powers of two alone, batch 256's
 # 47 Skewed adapters read 64 adapters' A rows); each is one more captured graph a batch bucket
 TAIL_BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# down's shrink runs in SiLU-mul (float32 parts that the next norm sums) or in down's GEMM (its A rows under it,
+# the norm expanding from its columns), whichever measured cheaper over a layer's gate_up GEMM .. norm on the H100
+# (bench/NOTES-kernels.md v13): the GEMM past 32 tokens (at 64, 17-21 us a layer less with 8-64 adapters) and for
+# 2-8 tail positions (1.5-2.4 us less at 8-32 tokens); SiLU-mul for one adapter (one program a column tile: the
+# GEMM's rows cost 0.4-0.9 us more at 32 tokens) and for more than 8 positions (128+ rows: 0.5-4.6 us more)
+DOWN_SHRINK_IN_SILU_TOKENS = 32
+DOWN_GEMM_POSITIONS = (2, 8)
+DOWN_PAD_FEW_TOKENS = 128   # down's extra rows in steps of at most MANY_TOKENS tokens (256 cost 3-10 us a layer more)
 
 
 class LlamaModel:
@@ -45,17 +53,13 @@ class LlamaModel:
             # exactly the weights they read before (one layer at a time: the copy being made is the only
             # extra memory); as many as a fused step may have adapters
             self.tail_positions = min(lora.num_slots, self.fused_lora_tokens, fused_lora.MAX_ADAPTERS)
-            # down's only where steps of more than MANY_TOKENS tokens fuse: they shrink down in its GEMM (SiLU-mul
-            # shrinks it for smaller steps)
-            fams = (("qkv", 3), ("o", 1), ("gate_up", 2)) + \
-                ((("down", 1),) if self.fused_lora_tokens > fused_lora.MANY_TOKENS else ())
+            fams = (("qkv", 3), ("o", 1), ("gate_up", 2), ("down", 1))
             self.tails = {f: fused_lora.LoRATails(n, lora.max_rank, self.tail_positions, TAIL_PAD[f]) for f, n in fams}
             for w in weights.layers:
                 w.qkv = self.tails["qkv"].add(w.qkv, w.qkv_bias)
                 w.o = self.tails["o"].add(w.o)
                 w.gate_up = self.tails["gate_up"].add(w.gate_up)
-                if "down" in self.tails:
-                    w.down = self.tails["down"].add(w.down)
+                w.down = self.tails["down"].add(w.down)
             self._staged: list[tuple[int, int] | None] = [None] * self.tail_positions   # (slot, generation)
             self.tail_pos = StagedBuffer(lora.num_slots, torch.int32, weights.embed.device)  # slot -> position
             self._pos_of = [0] * lora.num_slots                                                 # its host copy
@@ -121,6 +125,12 @@ class LlamaModel:
         most = min(tokens, self.tail_positions)
         return sorted({self.tail_bucket(k, tokens) for k in range(1, most + 1)})
 
+    def down_in_gemm(self, tokens: int, positions: int) -> bool:
+        """Whether a fused step of ``tokens`` tokens over ``positions`` tail positions shrinks down in its GEMM
+        rather than in SiLU-mul (``DOWN_SHRINK_IN_SILU_TOKENS``)."""
+        lo, hi = DOWN_GEMM_POSITIONS
+        return tokens > DOWN_SHRINK_IN_SILU_TOKENS or lo <= positions <= hi
+
     def stage_lora(self, s: StepInputs) -> None:
         """Put the A rows (q/k/v, o, gate/up, down) of the step's adapters under the base weights, at positions
         below the step's ``tail_bucket``, unless they are there; ``tail_pos`` maps each slot to its position.
@@ -166,16 +176,16 @@ class LlamaModel:
         """``forward`` with the step's adapters folded into its GEMMs and small kernels.
 
         q/k/v's, o's and gate/up's shrinks come out of the extra columns of their GEMMs
-        (``stage_lora`` put the A rows of the step's adapters there), down's from SiLU-mul or, in steps of more
-        than ``MANY_TOKENS`` tokens, its GEMM too (bench/NOTES-kernels.md v11: at 256 tokens SiLU-mul's shrink
-        and the norm summing its 224 parts cost more than the extra rows), and every expand happens in the
-        kernel that reads the projection's output next.
+        (``stage_lora`` put the A rows of the step's adapters there), down's from SiLU-mul or its GEMM too
+        (``down_in_gemm``), and every expand happens in the kernel that reads the projection's output next.
         """
         cfg, fl, pos = self.cfg, self.fused, self.tail_pos.device
         layers, fams, eps, meta = self.w.layers, self.lora.layers, cfg.rms_norm_eps, s.lora
         qkv_t, o_t, gu_t = self.tails["qkv"], self.tails["o"], self.tails["gate_up"]
-        k = self.tail_bucket(meta.num_segments, s.input_ids.shape[0])
-        down_t = self.tails.get("down") if s.input_ids.shape[0] > fl.MANY_TOKENS else None
+        t = s.input_ids.shape[0]
+        k = self.tail_bucket(meta.num_segments, t)
+        down_t = self.tails["down"] if self.down_in_gemm(t, k) else None
+        down_pad = DOWN_PAD_FEW_TOKENS if t <= fl.MANY_TOKENS else None
         h, residual = self.ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
         for i, layer in enumerate(layers):
             fam = fams[i]
@@ -188,7 +198,7 @@ class LlamaModel:
             gu, h_gu = gu_t.split(F.linear(h, gu_t.weight(i, k)[0]))
             act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], None if down_t else fam["down"], pos)
             if down_t:
-                d, h_down = down_t.split(F.linear(act, down_t.weight(i, k)[0]))
+                d, h_down = down_t.split(F.linear(act, down_t.weight(i, k, down_pad)[0]))
             else:
                 d = F.linear(act, layer.down)
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
