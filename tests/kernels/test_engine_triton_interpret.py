@@ -31,14 +31,14 @@ def generate_and_check(engine, ref, prompts, names, new_tokens):
 
 
 # separate SGMV kernels; then every step on the fused path (LoRA inside the GEMMs and the norm, rotary and
-# SiLU-mul kernels; ad0 targets all 7 projections): one adapter beside a base request (down's shrink in
-# SiLU-mul), then three adapters (down's shrink in its GEMM, and, forced, in SiLU-mul)
+# SiLU-mul kernels; ad0 targets all 7 projections): one adapter beside a base request, then three adapters
+# (down's shrink in its GEMM, and, forced, in SiLU-mul)
 @pytest.mark.parametrize("fused_lora_tokens, names, down_gemm", [
     (0, ["ad0", None, "ad3"], True), (64, ["ad0", None, "ad0"], True), (64, ["ad0", "ad1", None, "ad3"], True),
     (64, ["ad0", "ad1", None, "ad3"], False)])
 def test_triton_path_matches_peft(tiny, monkeypatch, fused_lora_tokens, names, down_gemm):
     if not down_gemm:
-        monkeypatch.setattr("worker.model.llama.DOWN_GEMM_POSITIONS", (0, -1))
+        monkeypatch.setattr("worker.model.llama.DOWN_GEMM_MAX_POSITIONS", 0)
     engine = triton_engine(tiny, max_num_batched_tokens=12, fused_lora_tokens=fused_lora_tokens)  # chunked prefill too
     assert engine.model.down_in_gemm(12, 4) == down_gemm
     prompts = [[5, 9, 33, 70, 12, 8, 100, 4, 19], [100, 3, 4], [7, 8, 9, 10, 11], [2, 60, 61]][: len(names)]
@@ -83,10 +83,10 @@ def test_steps_past_64_tokens(tiny):
 
 
 def test_down_shrinks_where_it_measured_cheaper(tiny):
-    """Down's shrink: in its GEMM past 32 tokens and for 2-8 tail positions, else in SiLU-mul (the GEMM reads
+    """Down's shrink: in its GEMM past 32 tokens and up to 8 tail positions, else in SiLU-mul (the GEMM reads
     its extra rows padded to 128 up to MANY_TOKENS tokens, to 256 past; both inside the tails)."""
     model = triton_engine(tiny, max_num_batched_tokens=256, fused_lora_tokens=256, max_loras=64).model
-    assert [model.down_in_gemm(32, k) for k in (1, 2, 6, 8, 12, 32)] == [False, True, True, True, False, False]
+    assert [model.down_in_gemm(32, k) for k in (1, 2, 6, 8, 12, 32)] == [True, True, True, True, False, False]
     assert all(model.down_in_gemm(t, k) for t in (33, 64, 256) for k in (1, 16, 64))
     down = model.tails["down"]
     assert down.block == 64                     # one slice of the engine's max rank

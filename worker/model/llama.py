@@ -24,11 +24,12 @@ TAIL_PAD = {"qkv": 64, "o": 64, "gate_up": 128, "down": 256}
 TAIL_BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # down's shrink runs in SiLU-mul (float32 parts that the next norm sums) or in down's GEMM (its A rows under it,
 # the norm expanding from its columns), whichever measured cheaper over a layer's gate_up GEMM .. norm on the H100
-# (bench/NOTES-kernels.md v13): the GEMM past 32 tokens (at 64, 17-21 us a layer less with 8-64 adapters) and for
-# 2-8 tail positions (1.5-2.4 us less at 8-32 tokens); SiLU-mul for one adapter (one program a column tile: the
-# GEMM's rows cost 0.4-0.9 us more at 32 tokens) and for more than 8 positions (128+ rows: 0.5-4.6 us more)
+# (bench/tune_down_shrink.py, three runs; bench/NOTES-kernels.md v13): the GEMM past 32 tokens (at 64, 16-21 us a
+# layer less with 8-64 adapters) and up to 8 tail positions (1-2.7 us less at 8-16 tokens, Uniform's 6 at 32 tokens
+# 2.4-2.7 less, one adapter at 32 from +0.9 to -3.8); SiLU-mul for more positions up to 32 tokens (16 at 32 tokens:
+# the GEMM's 256 extra rows cost 0.5-4.7 us more, 32: 0.4 more)
 DOWN_SHRINK_IN_SILU_TOKENS = 32
-DOWN_GEMM_POSITIONS = (2, 8)
+DOWN_GEMM_MAX_POSITIONS = 8
 DOWN_PAD_FEW_TOKENS = 128   # down's extra rows in steps of at most MANY_TOKENS tokens (256 cost 3-10 us a layer more)
 
 
@@ -128,8 +129,7 @@ class LlamaModel:
     def down_in_gemm(self, tokens: int, positions: int) -> bool:
         """Whether a fused step of ``tokens`` tokens over ``positions`` tail positions shrinks down in its GEMM
         rather than in SiLU-mul (``DOWN_SHRINK_IN_SILU_TOKENS``)."""
-        lo, hi = DOWN_GEMM_POSITIONS
-        return tokens > DOWN_SHRINK_IN_SILU_TOKENS or lo <= positions <= hi
+        return tokens > DOWN_SHRINK_IN_SILU_TOKENS or positions <= DOWN_GEMM_MAX_POSITIONS
 
     def stage_lora(self, s: StepInputs) -> None:
         """Put the A rows (q/k/v, o, gate/up, down) of the step's adapters under the base weights, at positions
