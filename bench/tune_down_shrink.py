@@ -6,7 +6,10 @@ Llama-3-8B shapes, rank 16, bf16, the bench's workloads (bench/engine.py) at 8-2
 tail bucket (worker/model/llama.py); 16 layers' own weights replayed in one CUDA graph, L2 flushed before each
 replay; us a layer. Decides ``LlamaModel.down_in_gemm`` and ``DOWN_PAD_FEW_TOKENS``.
 
-    python bench/tune_down_shrink.py [--tokens 8 16 32 64 256] [--out DIR]
+    python bench/tune_down_shrink.py [--tokens 8 16 32 64 256] [--workloads identical skewed@1 ...] [--out DIR]
+
+A workload ``skewed@S`` draws Skewed with seed S (default 0; at 32 tokens seed 0 gives 13 adapters, tail
+bucket 16, seed 1 the engine bench's 10, bucket 12).
                                      (results: bench/results/2026-11-24-h100-down-shrink.txt)
 """
 import argparse
@@ -49,6 +52,7 @@ def tails(n_slices, n_out, n_in, k, pad):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[8, 16, 32, 64, 256])
+    ap.add_argument("--workloads", nargs="+", default=["identical", "uniform", "skewed", "distinct"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -60,9 +64,11 @@ def main():
     for t in args.tokens:
         x = torch.randn(t, H, device=dev).to(dt)
         res = torch.randn(t, H, device=dev).to(dt)
-        for name in ("identical", "uniform", "skewed", "distinct"):
+        for name in args.workloads:
+            kind, _, seed = name.partition("@")
             ids = {}
-            slots = [min(ids.setdefault(a, len(ids) + 1), SLOTS - 1) for a in workload(name, t, random.Random(0))]
+            slots = [min(ids.setdefault(a, len(ids) + 1), SLOTS - 1)
+                     for a in workload(kind, t, random.Random(int(seed or 0)))]
             meta = LoRAMeta.allocate(t, SLOTS, dev).fill(slots)
             k = next(b for b in TAIL_BUCKETS if b >= meta.num_segments)
             t_gu = tails(2, 2 * I, H, k, TAIL_PAD["gate_up"])
