@@ -23,7 +23,7 @@ def gemm_h(width, n_slices, k):
     """A GEMM output [T, width + extra] for k positions and its h view."""
     tails = fl.LoRATails(n_slices, R, k)
     tails.out = width
-    return tails.split(torch.randn(T, width + tails.rows(k), device=dev).to(dt))[1]
+    return tails.split(torch.randn(T, width + tails.rows(k), device=dev).to(dt), k)[1]
 
 
 def steps():

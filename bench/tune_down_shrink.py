@@ -74,14 +74,14 @@ def main():
             t_gu = tails(2, 2 * I, H, k, TAIL_PAD["gate_up"])
 
             def in_silu(i):
-                y, h = t_gu.split(F.linear(x, t_gu.weight(i, k)[0]))
+                y, h = t_gu.split(F.linear(x, t_gu.weight(i, k)[0]), k)
                 act, parts = fl.silu_mul_lora(y, meta, h, f_gu[i], f_d[i], tail_pos)
                 fl.norm_lora(F.linear(act, t_d.ext[i][:H]), res, w, 1e-5, meta, parts, f_d[i], tail_pos)
 
             def in_gemm(i):
-                y, h = t_gu.split(F.linear(x, t_gu.weight(i, k)[0]))
+                y, h = t_gu.split(F.linear(x, t_gu.weight(i, k)[0]), k)
                 act, _ = fl.silu_mul_lora(y, meta, h, f_gu[i], None, tail_pos)
-                d, hd = t_d.split(F.linear(act, t_d.weight(i, k)[0]))
+                d, hd = t_d.split(F.linear(act, t_d.weight(i, k)[0]), k)
                 fl.norm_lora(d, res, w, 1e-5, meta, hd, f_d[i], tail_pos)
             row = []
             for pad in (64, 128, 256):

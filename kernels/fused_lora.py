@@ -681,9 +681,18 @@ class LoRATails:
         at = self.out + position * self.block
         return e[at: at + self.block].view(self.n_slices, self.max_rank, e.shape[1])
 
-    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """GEMM output [T, out + rows(k)] -> (projection [T, out], h [1, T, k, n_slices, max_rank]) as views."""
+    def split(self, y: torch.Tensor, positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """GEMM output [T, out + rows(k)] -> (projection [T, out], h [1, T, k, n_slices, max_rank]) as views.
+
+        h holds every whole position in the padded rows, or only the first ``positions``: the step's tail
+        bucket. A kernel launches a program per position of h on its segment grid, and the positions past
+        the bucket hold no adapter of the step (one adapter: gate/up's 128 padded rows are 4 positions; SiLU-mul
+        with h cut to 1 took 6.42 against 6.80 us a call on the H100, bench/NOTES-kernels.md v13)."""
         t = y.shape[0]
         k = (y.shape[1] - self.out) // self.block
+        if positions is not None:
+            if not 1 <= positions <= k:
+                raise ValueError(f"the GEMM's extra rows hold {k} tail positions, asked for {positions}")
+            k = positions
         return y[:, : self.out], y[:, self.out:].as_strided(
             (1, t, k, self.n_slices, self.max_rank), (0, y.stride(0), self.block, self.max_rank, 1))

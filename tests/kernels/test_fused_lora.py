@@ -208,6 +208,10 @@ def test_tails_hold_the_base_weight_and_several_adapters(seed, rel_err, pad):
         assert h.shape[:4] == (1, t, tails.rows(k) // (3 * r), 3) and h.shape[2] >= k
         assert rel_err(y, x @ w[1].T) <= 1e-6
         assert rel_err(h[0, :, :k], torch.einsum("tc,pirc->tpir", x, a[:k])) <= 1e-6
+        _, hk = tails.split(F.linear(x, wk, bk), k)      # h cut to the step's k positions: the same values
+        assert hk.shape[2] == k and torch.equal(hk, h[:, :, :k])
+        with pytest.raises(ValueError, match="tail positions"):
+            tails.split(F.linear(x, wk, bk), h.shape[2] + 1)
     y0, _ = tails.split(F.linear(x, *tails.weight(0, 4)))
     assert rel_err(y0, x @ w[0].T + bias[0]) <= 1e-6
     with pytest.raises(ValueError, match="every layer"):

@@ -189,16 +189,16 @@ class LlamaModel:
         h, residual = self.ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
         for i, layer in enumerate(layers):
             fam = fams[i]
-            qkv, h_qkv = qkv_t.split(F.linear(h, *qkv_t.weight(i, k)))
+            qkv, h_qkv = qkv_t.split(F.linear(h, *qkv_t.weight(i, k)), k)
             fl.rotary_lora_(qkv, h_qkv, fam["qkv"], self.cos, self.sin, s.positions, meta, cfg.num_heads,
                             cfg.num_kv_heads, pos)
             q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            o, h_o = o_t.split(F.linear(self._attend(q, kk, v, kv_caches[i], s), o_t.weight(i, k)[0]))
+            o, h_o = o_t.split(F.linear(self._attend(q, kk, v, kv_caches[i], s), o_t.weight(i, k)[0]), k)
             h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"], pos)
-            gu, h_gu = gu_t.split(F.linear(h, gu_t.weight(i, k)[0]))
+            gu, h_gu = gu_t.split(F.linear(h, gu_t.weight(i, k)[0]), k)
             act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], None if down_t else fam["down"], pos)
             if down_t:
-                d, h_down = down_t.split(F.linear(act, down_t.weight(i, k, down_pad)[0]))
+                d, h_down = down_t.split(F.linear(act, down_t.weight(i, k, down_pad)[0]), k)
             else:
                 d = F.linear(act, layer.down)
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
