@@ -24,10 +24,10 @@ TAIL_PAD = {"qkv": 64, "o": 64, "gate_up": 128, "down": 256}
 TAIL_BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # down's shrink runs in SiLU-mul (float32 parts that the next norm sums) or in down's GEMM (its A rows under it,
 # the norm expanding from its columns), whichever measured cheaper over a layer's gate_up GEMM .. norm on the H100
-# (bench/tune_down_shrink.py, three runs; bench/NOTES-kernels.md v13): the GEMM past 32 tokens (at 64, 16-21 us a
+# (bench/tune_down_shrink.py, four runs; bench/NOTES-kernels.md v13): the GEMM past 32 tokens (at 64, 16-21 us a
 # layer less with 8-64 adapters) and up to 8 tail positions (1-2.7 us less at 8-16 tokens, Uniform's 6 at 32 tokens
 # 2.4-2.7 less, one adapter at 32 from +0.9 to -3.8); SiLU-mul for more positions up to 32 tokens (16 at 32 tokens:
-# the GEMM's 256 extra rows cost 0.5-4.7 us more, 32: 0.4 more)
+# the GEMM's 256 extra rows cost 0.5-4.7 us more, 32: 0.4 more; 12, the engine bench's Skewed: a tie)
 DOWN_SHRINK_IN_SILU_TOKENS = 32
 DOWN_GEMM_MAX_POSITIONS = 8
 DOWN_PAD_FEW_TOKENS = 128   # down's extra rows in steps of at most MANY_TOKENS tokens (256 cost 3-10 us a layer more)
