@@ -1,8 +1,11 @@
 """What the fused-LoRA tuning scripts (bench/tune_fused_lora.py, bench/tune_norm_silu.py) share: batch-32
 Llama-3-8B shapes at rank 16 in bf16 on the GPU, random stacked adapter slots, GEMM outputs with h in
 their extra columns, and the two steps they compare (one adapter; 32, one per token)."""
+import random
+
 import torch
 
+from bench.engine import workload
 from kernels import fused_lora as fl
 from kernels.lora_meta import LoRAMeta
 
@@ -10,13 +13,29 @@ dev, dt, T, R, H, I = "cuda", torch.bfloat16, 32, 16, 4096, 14336
 SLOTS = 33
 
 
-def fam(n_in, widths):
-    """SLOTS random adapters of rank R on one family (``widths``: its slices' output widths)."""
+def fam(n_in, widths, slots=SLOTS):
+    """``slots`` random adapters of rank R on one family (``widths``: its slices' output widths)."""
     n = len(widths)
-    return fl.LoRAWeights((torch.randn(SLOTS, n, R, n_in, device=dev) * 0.02).to(dt),
-                          (torch.randn(SLOTS, R, sum(widths), device=dev) * 0.02).to(dt),
-                          torch.full((SLOTS, n), R, dtype=torch.int32, device=dev),
-                          torch.ones(SLOTS, n, device=dev))
+    return fl.LoRAWeights((torch.randn(slots, n, R, n_in, device=dev) * 0.02).to(dt),
+                          (torch.randn(slots, R, sum(widths), device=dev) * 0.02).to(dt),
+                          torch.full((slots, n), R, dtype=torch.int32, device=dev),
+                          torch.ones(slots, n, device=dev))
+
+
+def workload_slots(name, t, slots=SLOTS, seed=0):
+    """Slots 1.. of the engine bench's workload ``name`` (bench/engine.py) over t tokens, drawn with ``seed``,
+    its adapters numbered in order of first use and capped at ``slots - 1`` (slot s sits at position s - 1)."""
+    ids = {}
+    return [min(ids.setdefault(a, len(ids) + 1), slots - 1) for a in workload(name, t, random.Random(seed))]
+
+
+def small_inputs():
+    """One batch-32 layer's inputs of the small kernels: (x, res, w) of the norm, gate_up of SiLU-mul and
+    (qkv, cos, positions) of rotary."""
+    return (torch.randn(T, H, device=dev).to(dt), torch.randn(T, H, device=dev).to(dt),
+            torch.ones(H, device=dev, dtype=dt), torch.randn(T, 2 * I, device=dev).to(dt),
+            torch.randn(T, 6144, device=dev).to(dt), torch.randn(1024, 128, device=dev).to(dt),
+            torch.arange(T, device=dev))
 
 
 def gemm_h(width, n_slices, k):

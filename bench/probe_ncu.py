@@ -10,15 +10,13 @@ flushed before it (the same weights each launch, so past the first B comes from 
     python bench/probe_ncu.py                          (results: bench/results/2026-11-24-h100-ncu-small-kernels.txt)
 """
 import argparse
-import random
 import sys
 from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
 from kernels.lora_meta import LoRAMeta
-from bench.engine import workload
-from bench.fused_lora_setup import H, I, T, SLOTS, dev, dt, fam, gemm_h
+from bench.fused_lora_setup import H, I, T, SLOTS, dev, fam, gemm_h, small_inputs, workload_slots
 from worker.model.llama import TAIL_BUCKETS
 
 LAYERS = 16
@@ -26,9 +24,7 @@ LAYERS = 16
 
 def draws() -> dict[str, list[int]]:
     """Slots (1-based: slot s sits at tail position s - 1) of the two workloads."""
-    ids: dict[int, int] = {}
-    skewed = [ids.setdefault(a, len(ids) + 1) for a in workload("skewed", T, random.Random(1))]
-    return {"one adapter": [1] * T, "skewed (engine draw)": skewed}
+    return {"one adapter": [1] * T, "skewed (engine draw)": workload_slots("skewed", T, seed=1)}
 
 
 def main():
@@ -39,13 +35,7 @@ def main():
     tail_pos = torch.arange(SLOTS, dtype=torch.int32, device=dev) - 1
     f_o, f_d, f_gu = fam(H, [H]), fam(I, [H]), fam(H, [I, I])
     f_qkv = fam(H, [4096, 1024, 1024])
-    x = torch.randn(T, H, device=dev).to(dt)
-    res = torch.randn(T, H, device=dev).to(dt)
-    w = torch.ones(H, device=dev, dtype=dt)
-    gu = torch.randn(T, 2 * I, device=dev).to(dt)
-    qkv = torch.randn(T, 6144, device=dev).to(dt)
-    cos = torch.randn(1024, 128, device=dev).to(dt)
-    pos = torch.arange(T, device=dev)
+    x, res, w, gu, qkv, cos, pos = small_inputs()
 
     calls = {"add_rms_norm": lambda: fused.add_rms_norm(x, res, w, 1e-5),
              "silu_mul": lambda: fused.silu_mul(gu),

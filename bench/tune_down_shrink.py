@@ -13,7 +13,6 @@ bucket 16, seed 1 the engine bench's 10, bucket 12).
                                      (results: bench/results/2026-11-24-h100-down-shrink.txt)
 """
 import argparse
-import random
 import sys
 from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -21,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from kernels import fused_lora as fl
 from kernels.lora_meta import LoRAMeta
-from bench.engine import workload
+from bench.fused_lora_setup import H, I, R, dev, dt, fam as setup_fam, workload_slots
 from bench.kernels import graphed, median_us
 from worker.model.llama import TAIL_BUCKETS, TAIL_PAD
 
-dev, dt, R, H, I, LAYERS, SLOTS = "cuda", torch.bfloat16, 16, 4096, 14336, 16, 65
+LAYERS, SLOTS = 16, 65                                   # 64 tail positions
 
 
 def per_layer(fn) -> float:
@@ -33,10 +32,7 @@ def per_layer(fn) -> float:
 
 
 def fam(n_in, widths):
-    n = len(widths)
-    return fl.LoRAWeights((torch.randn(SLOTS, n, R, n_in, device=dev) * 0.02).to(dt),
-                          (torch.randn(SLOTS, R, sum(widths), device=dev) * 0.02).to(dt),
-                          torch.full((SLOTS, n), R, dtype=torch.int32, device=dev), torch.ones(SLOTS, n, device=dev))
+    return setup_fam(n_in, widths, SLOTS)
 
 
 def tails(n_slices, n_out, n_in, k, pad):
@@ -66,9 +62,7 @@ def main():
         res = torch.randn(t, H, device=dev).to(dt)
         for name in args.workloads:
             kind, _, seed = name.partition("@")
-            ids = {}
-            slots = [min(ids.setdefault(a, len(ids) + 1), SLOTS - 1)
-                     for a in workload(kind, t, random.Random(int(seed or 0)))]
+            slots = workload_slots(kind, t, SLOTS, int(seed or 0))
             meta = LoRAMeta.allocate(t, SLOTS, dev).fill(slots)
             k = next(b for b in TAIL_BUCKETS if b >= meta.num_segments)
             t_gu = tails(2, 2 * I, H, k, TAIL_PAD["gate_up"])

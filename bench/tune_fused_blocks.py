@@ -11,17 +11,16 @@ flushed before each replay.
                                       (results: bench/results/2026-11-24-h100-fused-blocks.txt)
 """
 import argparse
-import random
 import sys
 from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
 from kernels.lora_meta import LoRAMeta
-from bench.engine import workload
+from bench.fused_lora_setup import H, I, R, dev, dt, fam as setup_fam, workload_slots
 from bench.kernels import graphed, median_us
 
-dev, dt, R, H, I, LAYERS, SLOTS = "cuda", torch.bfloat16, 16, 4096, 14336, 16, 65
+LAYERS, SLOTS = 16, 65                                   # 64 tail positions
 
 
 def per_call(fn):
@@ -30,17 +29,13 @@ def per_call(fn):
 
 
 def fam(n_in, widths):
-    n = len(widths)
-    return fl.LoRAWeights((torch.randn(SLOTS, n, R, n_in, device=dev) * 0.02).to(dt),
-                          (torch.randn(SLOTS, R, sum(widths), device=dev) * 0.02).to(dt),
-                          torch.full((SLOTS, n), R, dtype=torch.int32, device=dev), torch.ones(SLOTS, n, device=dev))
+    return setup_fam(n_in, widths, SLOTS)
 
 
 def token_slots(name, t):
     """Slots 1.. of the bench's workload ``name`` (bench/engine.py) over t tokens, its adapters numbered in
     order of first use and capped at the 64 tail positions (Skewed at 256 tokens has 50)."""
-    ids = {}
-    return [min(ids.setdefault(a, len(ids) + 1), SLOTS - 1) for a in workload(name, t, random.Random(0))]
+    return workload_slots(name, t, SLOTS)
 
 
 def main():

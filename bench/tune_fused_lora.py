@@ -13,7 +13,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
 from bench.kernels import graphed, median_us
-from bench.fused_lora_setup import H, I, T, dev, dt, fam, gemm_h, steps
+from bench.fused_lora_setup import H, I, T, dev, fam, gemm_h, small_inputs, steps
 
 torch.manual_seed(0)
 
@@ -25,13 +25,7 @@ def timeit(fn, reps=20):
 
 tail_pos, metas = steps()
 f_o, f_gu, f_d, f_qkv = fam(H, [H]), fam(H, [I, I]), fam(I, [H]), fam(H, [4096, 1024, 1024])
-x = torch.randn(T, H, device=dev).to(dt)
-res = torch.randn(T, H, device=dev).to(dt)
-w = torch.ones(H, device=dev, dtype=dt)
-gu = torch.randn(T, 2 * I, device=dev).to(dt)
-qkv = torch.randn(T, 6144, device=dev).to(dt)
-cos = torch.randn(1024, 128, device=dev).to(dt)
-pos = torch.arange(T, device=dev)
+x, res, w, gu, qkv, cos, pos = small_inputs()
 parts = torch.randn(224, T, 16, device=dev)
 parts = parts.as_strided((224, T, 1, 1, 16), (T * 16, 16, 0, 16, 1))
 print(f"add_rms_norm                  {timeit(lambda: fused.add_rms_norm(x, res, w, 1e-5)):6.2f} us")
