@@ -15,7 +15,6 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
-from kernels import fused_lora_norm as fln
 from kernels.lora_meta import LoRAMeta
 from bench.fused_lora_setup import H, I, T, SLOTS, dev, fam, gemm_h, small_inputs, workload_slots
 from worker.model.llama import TAIL_BUCKETS
@@ -51,10 +50,10 @@ def main():
               f"{'SiLU-mul' if shrink else 'its GEMM'}", flush=True)
         _, parts = fl.silu_mul_lora(gu, meta, h_gu, f_gu, f_d if shrink else None, tail_pos)
         calls |= {
-            f"{label}: norm_lora (o)": lambda m=meta, h=h_o: fln.norm_lora(x, res, w, 1e-5, m, h, f_o, tail_pos),
+            f"{label}: norm_lora (o)": lambda m=meta, h=h_o: fl.norm_lora(x, res, w, 1e-5, m, h, f_o, tail_pos),
             f"{label}: silu_mul_lora": lambda m=meta, h=h_gu, s=shrink: fl.silu_mul_lora(
                 gu, m, h, f_gu, f_d if s else None, tail_pos),
-            f"{label}: norm_lora (down)": lambda m=meta, h=(parts if shrink else h_d): fln.norm_lora(
+            f"{label}: norm_lora (down)": lambda m=meta, h=(parts if shrink else h_d): fl.norm_lora(
                 x, res, w, 1e-5, m, h, f_d, tail_pos),
             f"{label}: rotary_lora": lambda m=meta, h=h_qkv: fl.rotary_lora_(qkv, h, f_qkv, cos, cos, pos, m, 32, 8,
                                                                            tail_pos)}

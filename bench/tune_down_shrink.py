@@ -19,7 +19,6 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 import torch.nn.functional as F
 from kernels import fused_lora as fl
-from kernels import fused_lora_norm as fln
 from kernels.lora_meta import LoRAMeta
 from bench.fused_lora_setup import H, I, R, dev, dt, fam as setup_fam, workload_slots
 from bench.kernels import graphed, median_us
@@ -71,13 +70,13 @@ def main():
             def in_silu(i):
                 y, h = t_gu.split(F.linear(x, t_gu.weight(i, k)[0]), k)
                 act, parts = fl.silu_mul_lora(y, meta, h, f_gu[i], f_d[i], tail_pos)
-                fln.norm_lora(F.linear(act, t_d.ext[i][:H]), res, w, 1e-5, meta, parts, f_d[i], tail_pos)
+                fl.norm_lora(F.linear(act, t_d.ext[i][:H]), res, w, 1e-5, meta, parts, f_d[i], tail_pos)
 
             def in_gemm(i):
                 y, h = t_gu.split(F.linear(x, t_gu.weight(i, k)[0]), k)
                 act, _ = fl.silu_mul_lora(y, meta, h, f_gu[i], None, tail_pos)
                 d, hd = t_d.split(F.linear(act, t_d.weight(i, k)[0]), k)
-                fln.norm_lora(d, res, w, 1e-5, meta, hd, f_d[i], tail_pos)
+                fl.norm_lora(d, res, w, 1e-5, meta, hd, f_d[i], tail_pos)
             row = []
             for pad in (64, 128, 256):
                 t_d = tails(1, H, I, k, pad)

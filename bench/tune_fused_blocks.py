@@ -16,7 +16,6 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
-from kernels import fused_lora_norm as fln
 from kernels.lora_meta import LoRAMeta
 from bench.fused_lora_setup import H, I, R, dev, dt, fam as setup_fam, workload_slots
 from bench.kernels import graphed, median_us
@@ -80,7 +79,7 @@ def main():
             print(f"\n== {name}: {meta.num_segments} adapters, {k} tail positions", flush=True)
             grids = (["segments", "blocks"] if k == 1 else ["blocks"]) if t > fl.MANY_TOKENS else [None]
             h_d = torch.randn(t, k, 1, R, device=dev).to(dt)[None]      # down's h from its GEMM's columns
-            print(f"norm_lora(down from its GEMM): {per_call(lambda i: fln.norm_lora(x[i], res, w, 1e-5, meta, h_d, f_d[i], tail_pos)):6.2f} us")
+            print(f"norm_lora(down from its GEMM): {per_call(lambda i: fl.norm_lora(x[i], res, w, 1e-5, meta, h_d, f_d[i], tail_pos)):6.2f} us")
             for native in (False, True):
                 fl.NATIVE_EXPAND = native
                 for grid in grids:
@@ -92,7 +91,7 @@ def main():
                         kw = dict(block_n=bn, num_warps=snw, grid=grid)
                         act, parts = fl.silu_mul_lora(gu[0], meta, h_gu, f_gu[0], f_d[0], tail_pos, **kw)
                         silu = per_call(lambda i: fl.silu_mul_lora(gu[i], meta, h_gu, f_gu[i], f_d[i], tail_pos, **kw))
-                        norm = per_call(lambda i: fln.norm_lora(x[i], res, w, 1e-5, meta, parts, f_d[i], tail_pos))
+                        norm = per_call(lambda i: fl.norm_lora(x[i], res, w, 1e-5, meta, parts, f_d[i], tail_pos))
                         bare = per_call(lambda i: fl.silu_mul_lora(gu[i], meta, h_gu, f_gu[i], None, tail_pos, **kw))
                         print(f"silu {grid} native {native} bn {bn:3d} warps {snw} ({parts.shape[0]:3d} parts): "
                               f"{silu:6.2f} us, norm(down) {norm:6.2f} us, sum {silu + norm:6.2f}; without down's "

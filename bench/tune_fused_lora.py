@@ -12,7 +12,6 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
-from kernels import fused_lora_norm as fln
 from bench.kernels import graphed, median_us
 from bench.fused_lora_setup import H, I, T, dev, fam, gemm_h, small_inputs, steps
 
@@ -37,8 +36,8 @@ for label, (meta, k) in metas.items():
     h_o, h_gu, h_qkv = gemm_h(H, 1, k), gemm_h(2 * I, 2, k), gemm_h(6144, 3, k)
     for nw in (4, 8, 16):
         for rc in (4, 8, 16):
-            a = timeit(lambda: fln.norm_lora(x, res, w, 1e-5, meta, parts, f_d, tail_pos, rank_chunk=rc, num_warps=nw))
-            b = timeit(lambda: fln.norm_lora(x, res, w, 1e-5, meta, h_o, f_o, tail_pos, rank_chunk=rc, num_warps=nw))
+            a = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, parts, f_d, tail_pos, rank_chunk=rc, num_warps=nw))
+            b = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, h_o, f_o, tail_pos, rank_chunk=rc, num_warps=nw))
             print(f"norm_lora warps {nw:2d} rc {rc:2d}: expand(parts) {a:6.2f} us | expand(tail) {b:6.2f} us", flush=True)
     for bn in (16, 32, 64, 128):
         for nw in (1, 2, 4, 8):

@@ -14,7 +14,6 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
-from kernels import fused_lora_norm as fln
 from bench.kernels import graphed, median_us
 from bench.fused_lora_setup import H, I, T, dev, dt, fam, gemm_h, steps
 
@@ -48,7 +47,7 @@ for label, (meta, k) in metas.items():
     print(f"\n== {label}", flush=True)
     h_o, h_gu, h_qkv = gemm_h(H, 1, k), gemm_h(2 * I, 2, k), gemm_h(6144, 3, k)
     for nw, rc in NORMS:
-        us = per_call(lambda i: fln.norm_lora(x[i], res, w, 1e-5, meta, h_o, f_o[i], tail_pos, num_warps=nw,
+        us = per_call(lambda i: fl.norm_lora(x[i], res, w, 1e-5, meta, h_o, f_o[i], tail_pos, num_warps=nw,
                                              rank_chunk=rc))
         print(f"norm_lora(o) warps {nw:2d} rc {rc:2d}: {us:6.2f} us", flush=True)
     for bn, snw in ((64, 2), (64, 4), (128, 4)):
@@ -57,7 +56,7 @@ for label, (meta, k) in metas.items():
                                                    num_warps=snw))
         print(f"silu bn {bn:3d} warps {snw} ({parts.shape[0]:3d} parts): {silu:6.2f} us", flush=True)
         for nw, rc in NORMS:
-            norm = per_call(lambda i: fln.norm_lora(x[i], res, w, 1e-5, meta, parts, f_d[i], tail_pos, num_warps=nw,
+            norm = per_call(lambda i: fl.norm_lora(x[i], res, w, 1e-5, meta, parts, f_d[i], tail_pos, num_warps=nw,
                                                    rank_chunk=rc))
             print(f"    norm_lora(down) warps {nw:2d} rc {rc:2d}: {norm:6.2f} us", flush=True)
     for nw in (4, 8):

@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fused import check_norm_args, rms_norm_loaded_row
 from kernels.lora_meta import SEG_BLOCK, LoRAMeta
 from kernels.mma import mma, native_dot
 
@@ -63,6 +64,7 @@ MANY_TOKENS = 64          # past this, several adapters take the segment-block g
 ROW_BLOCK = 64            # rows a rotary or SiLU-mul program takes (program_id 2 walks the step's blocks)
 NATIVE_EXPAND = True      # past MANY_TOKENS tokens, rotary's and SiLU-mul's expands in the model dtype (``_native_expand``)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tuned on the H100)
 # SiLU-mul (columns a program, warps) by (grid, whether it shrinks down); tuned on the H100 (bench/NOTES-kernels.md)
 SILU = {("segments", True): (64, 2), ("rows", True): (64, 4), ("blocks", True): (64, 2),
         ("segments", False): (64, 4), ("rows", False): (64, 4), ("blocks", False): (128, 4)}
@@ -82,20 +84,6 @@ class LoRAWeights:
     lora_b: torch.Tensor          # [slots, max_rank, out_total]
     ranks: torch.Tensor           # [slots, n_slices] int32
     scalings: torch.Tensor        # [slots, n_slices] float32
-
-
-@dataclass
-class RmsParts:
-    """A deferred RMS scale (``kernels/fused_lora_norm.py``'s ``norm_lora_unscaled``): the sums of squares of
-    each row of the norm's s in column parts, ``ssq [T, parts]`` float32; the kernel that reads the next GEMM's
-    output multiplies each row by 1/rms(s) = rsqrt(ssq[t].sum() / n + eps)."""
-    ssq: torch.Tensor
-    n: int
-    eps: float
-
-    def rstd(self) -> torch.Tensor:
-        """[T] float32: 1/rms of each row (the references and tests)."""
-        return torch.rsqrt(self.ssq.sum(1) / self.n + self.eps)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -208,23 +196,44 @@ def _shrink_rows(x, a_rows, stride_ar, rank, cols, col_ok, BLOCK_M: tl.constexpr
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _row_rstd(ssq_ptr, n_sq, rows, row_ok, n, eps, RMS: tl.constexpr, SQ_P2: tl.constexpr):
-    """RMS: 1/rms of each row from its norm's ``n_sq`` partial sums of squares (``RmsParts``: [T, n_sq]);
-    else nothing (``_scale_rows`` then leaves the rows as they are)."""
-    if RMS:
-        p = tl.arange(0, SQ_P2)
-        ss = tl.load(ssq_ptr + rows[:, None] * n_sq + p[None, :], mask=row_ok[:, None] & (p < n_sq)[None, :],
-                     other=0.0)
-        return tl.rsqrt(tl.sum(ss, axis=1) / n + eps)
-    return row_ok.to(tl.float32)        # (of the same type, which compiled Triton needs; nothing reads it)
-
-
-@triton.jit
-def _scale_rows(x, rstd, RMS: tl.constexpr):
-    """x [rows, cols] times each row's 1/rms (RMS), before the projection's output is rounded."""
-    if RMS:
-        return x * rstd[:, None]
-    return x
+def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_ptr, b_ptr, rank_ptr, scal_ptr,
+                      n, n_parts, n_pos, stride_x, stride_r, stride_o, stride_s, stride_hp, stride_ht, stride_hpos,
+                      stride_bs, stride_br, eps, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr, BLOCK: tl.constexpr,
+                      BLOCK_R: tl.constexpr, P_P2: tl.constexpr, RC: tl.constexpr):
+    """One row, its own adapter: s = x + expand + residual, out = w * rmsnorm(s)."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    cm = cols < n
+    # the loads that wait on nothing go first, to overlap the chain slot -> position, rank -> h, B (issued
+    # after the LoRA loads, the row with h in 224 parts took 10.1 us against 5.6; bench/NOTES-kernels.md)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
+    res = x
+    if HAS_RES:
+        res = tl.load(r_ptr + row * stride_r + cols, mask=cm, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    slot = tl.load(slot_ptr + row)
+    use = slot >= 0
+    slot = tl.maximum(slot, 0).to(tl.int64)
+    h_row = h_ptr + row * stride_ht
+    if HAS_POS:                                  # a position outside h (a staging bug) reads nothing
+        pos, use = _position(pos_ptr, slot, use, n_pos, False)
+        h_row += pos * stride_hpos
+    # h summed over its parts once ([P_P2, BLOCK_R] in one load), then B in [RC, hidden] tiles
+    rank = tl.where(use, tl.load(rank_ptr + slot), 0)
+    p = tl.arange(0, P_P2)
+    rr = tl.arange(0, BLOCK_R)
+    hv = tl.sum(tl.load(h_row + p[:, None] * stride_hp + rr[None, :],
+                        mask=(p < n_parts)[:, None] & (rr < rank)[None, :], other=0.0).to(tl.float32), axis=0)
+    hv = tl.reshape(hv * tl.load(scal_ptr + slot), (BLOCK_R // RC, RC))
+    delta = tl.zeros((BLOCK,), dtype=tl.float32)
+    for rc in tl.static_range(0, BLOCK_R, RC):
+        r = rc + tl.arange(0, RC)
+        hc = tl.sum(tl.where((tl.arange(0, BLOCK_R // RC) == rc // RC)[:, None], hv, 0.0), axis=0)
+        b = tl.load(b_ptr + slot * stride_bs + r[:, None] * stride_br + cols[None, :],
+                    mask=(r < rank)[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        delta += tl.sum(hc[:, None] * b, axis=0)
+    x = (x + delta).to(out_ptr.dtype.element_ty).to(tl.float32)
+    rms_norm_loaded_row(x, res, w, row, cols, cm, out_ptr, s_ptr, stride_o, stride_s, n, eps, HAS_RES, True)
 
 
 @triton.jit
@@ -265,13 +274,12 @@ def _rotary_expand(slot, use, rows, sl, col, dm, tail_pos_ptr, n_pos, h_ptr, str
 
 
 @triton.jit
-def _rotary_store(p1, x1, x2, e1, e2, rstd, own, rows, row_ok, hh, d, dm, pos_ptr, cos_ptr, sin_ptr, stride_c,
-                  HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, dt: tl.constexpr, RMS: tl.constexpr):
-    """x = (x + e) / rms (RMS: the norm before the GEMM deferred it), rounded to the model dtype, rotary on q
-    and k heads, stored for the rows ``own``."""
+def _rotary_store(p1, x1, x2, e1, e2, own, rows, row_ok, hh, d, dm, pos_ptr, cos_ptr, sin_ptr, stride_c,
+                  HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, dt: tl.constexpr):
+    """x += e (rounded to the model dtype), rotary on q and k heads, stored for the rows ``own``."""
     m = own[:, None] & dm[None, :]
-    x1 = _scale_rows(x1 + e1, rstd, RMS).to(dt).to(tl.float32)
-    x2 = _scale_rows(x2 + e2, rstd, RMS).to(dt).to(tl.float32)
+    x1 = (x1 + e1).to(dt).to(tl.float32)
+    x2 = (x2 + e2).to(dt).to(tl.float32)
     if hh < HQ + HK:
         pos = tl.load(pos_ptr + rows, mask=row_ok, other=0)
         cos = tl.load(cos_ptr + pos[:, None] * stride_c + d[None, :], mask=m, other=0.0).to(tl.float32)
@@ -283,12 +291,11 @@ def _rotary_store(p1, x1, x2, e1, e2, rstd, own, rows, row_ok, hh, d, dm, pos_pt
 
 @triton.jit
 def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, h_ptr, b_ptr,
-                        ranks_ptr, scal_ptr, sorted_ptr, blk_count_ptr, blk_ptr, ssq_ptr, nb, T, n_pos, n_sq, rms_n,
-                        rms_eps, stride_t, stride_c, stride_ht, stride_hpos, stride_hs, stride_bs, stride_br,
-                        HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr,
-                        SPLIT: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr, RMS: tl.constexpr,
-                        SQ_P2: tl.constexpr):
+                        ranks_ptr, scal_ptr, sorted_ptr, blk_count_ptr, blk_ptr, nb, T, n_pos, stride_t, stride_c,
+                        stride_ht, stride_hpos, stride_hs, stride_bs, stride_br, HQ: tl.constexpr, HK: tl.constexpr,
+                        HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr,
+                        IEEE: tl.constexpr):
     """One head (program_id 0: q heads, then k heads, then v heads) of one segment's rows (program_id 1),
     or, ROWS, of every row, in one block of BLOCK_M rows (program_id 2); or, BLOCKS, of the step's segment
     blocks program_id 1, + num_programs 1, ..."""
@@ -301,17 +308,15 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
         for g in range(tl.program_id(1), tl.load(blk_count_ptr + 1), tl.num_programs(1)):
             rows, row_ok, slot = _block(g, sorted_ptr, blk_ptr, nb, BLOCK_M)
             p1, x1, x2 = _rotary_load(qkv_ptr, rows, row_ok, col, dm, stride_t, HALF)
-            rstd = _row_rstd(ssq_ptr, n_sq, rows, row_ok, rms_n, rms_eps, RMS, SQ_P2)
             e1, e2 = _rotary_expand(slot, tl.where(slot >= 0, row_ok, False), rows, sl, col, dm, tail_pos_ptr,
                                     n_pos, h_ptr, stride_ht, stride_hpos, stride_hs, ranks_ptr, scal_ptr, b_ptr,
                                     stride_bs, stride_br, HALF, HALF_P2, BLOCK_M, BLOCK_R, NATIVE, IEEE)
-            _rotary_store(p1, x1, x2, e1, e2, rstd, row_ok, rows, row_ok, hh, d, dm, pos_ptr, cos_ptr, sin_ptr,
-                          stride_c, HQ, HK, HALF, qkv_ptr.dtype.element_ty, RMS)
+            _rotary_store(p1, x1, x2, e1, e2, row_ok, rows, row_ok, hh, d, dm, pos_ptr, cos_ptr, sin_ptr, stride_c,
+                          HQ, HK, HALF, qkv_ptr.dtype.element_ty)
     else:
         rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < T
         p1, x1, x2 = _rotary_load(qkv_ptr, rows, row_ok, col, dm, stride_t, HALF)    # waits on nothing
-        rstd = _row_rstd(ssq_ptr, n_sq, rows, row_ok, rms_n, rms_eps, RMS, SQ_P2)
         if ROWS:
             own = row_ok
             s0, use = _row_slots(slot_ptr, rows, row_ok)
@@ -331,8 +336,8 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
             e1, e2 = _rotary_expand(slot, use, rows, sl, col, dm, tail_pos_ptr, n_pos, h_ptr, stride_ht, stride_hpos,
                                     stride_hs, ranks_ptr, scal_ptr, b_ptr, stride_bs, stride_br, HALF, HALF_P2,
                                     BLOCK_M, BLOCK_R, NATIVE, IEEE)
-        _rotary_store(p1, x1, x2, e1, e2, rstd, own, rows, row_ok, hh, d, dm, pos_ptr, cos_ptr, sin_ptr, stride_c,
-                      HQ, HK, HALF, qkv_ptr.dtype.element_ty, RMS)     # a segment's own rows only
+        _rotary_store(p1, x1, x2, e1, e2, own, rows, row_ok, hh, d, dm, pos_ptr, cos_ptr, sin_ptr, stride_c,
+                      HQ, HK, HALF, qkv_ptr.dtype.element_ty)          # a segment's own rows only
 
 
 @triton.jit
@@ -344,10 +349,10 @@ def _silu_load(gu_ptr, rows, row_ok, cols, col_ok, n, stride_g):
 
 
 @triton.jit
-def _silu_lora(g, u, rstd, slot, use, rows, cols, col_ok, n, tail_pos_ptr, n_pos, hg_ptr, stride_hgt, stride_hgpos,
+def _silu_lora(g, u, slot, use, rows, cols, col_ok, n, tail_pos_ptr, n_pos, hg_ptr, stride_hgt, stride_hgpos,
                stride_hgs, bg_ptr, stride_bgs, stride_bgr, rank_g_ptr, scal_g_ptr, a_ptr, stride_as, stride_ar,
                rank_d_ptr, dt: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, NATIVE: tl.constexpr,
-               NATIVE_E: tl.constexpr, SHRINK: tl.constexpr, IEEE: tl.constexpr, RMS: tl.constexpr):
+               NATIVE_E: tl.constexpr, SHRINK: tl.constexpr, IEEE: tl.constexpr):
     """For the rows ``use`` of one adapter ``slot`` (none where slot < 0): gate/up's expand, silu(g) * u
     (every row) and, SHRINK, this tile's share of down's shrink: (act, part)."""
     s0 = tl.maximum(slot, 0)
@@ -361,7 +366,7 @@ def _silu_lora(g, u, rstd, slot, use, rows, cols, col_ok, n, tail_pos_ptr, n_pos
     h = _load_h(hg + stride_hgs, stride_hgt, rows, use, rank, BLOCK_M, BLOCK_R)
     u = _expand_tile(u, h, slot, rank, tl.load(scal_g_ptr + s0 * 2 + 1), bg_ptr, stride_bgs, stride_bgr,
                      n + cols, col_ok, BLOCK_R, NATIVE_E, IEEE)
-    act = _silu_mul(g, u, rstd, dt, RMS)
+    act = _silu_mul(g, u, dt)
     if not SHRINK:
         return act, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)      # (nothing stores it)
     r = tl.arange(0, BLOCK_R)
@@ -372,11 +377,10 @@ def _silu_lora(g, u, rstd, slot, use, rows, cols, col_ok, n, tail_pos_ptr, n_pos
 
 
 @triton.jit
-def _silu_mul(g, u, rstd, dt: tl.constexpr, RMS: tl.constexpr):
-    """silu(g) * u in the model dtype, each rounded to it first (the expanded projection's output; RMS: after
-    the 1/rms its norm deferred)."""
-    g = _scale_rows(g, rstd, RMS).to(dt).to(tl.float32)
-    return (g / (1.0 + tl.exp(-g)) * _scale_rows(u, rstd, RMS).to(dt).to(tl.float32)).to(dt)
+def _silu_mul(g, u, dt: tl.constexpr):
+    """silu(g) * u in the model dtype, each rounded to it first (the expanded projection's output)."""
+    g = g.to(dt).to(tl.float32)
+    return (g / (1.0 + tl.exp(-g)) * u.to(dt).to(tl.float32)).to(dt)
 
 
 @triton.jit
@@ -393,12 +397,11 @@ def _silu_store(hd_ptr, out_ptr, part, act, own, rows, cols, col_ok, stride_hdp,
 
 @triton.jit
 def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, hg_ptr, bg_ptr, rank_g_ptr,
-                          scal_g_ptr, a_ptr, rank_d_ptr, hd_ptr, sorted_ptr, blk_count_ptr, blk_ptr, ssq_ptr, nb, T, n,
-                          n_pos, n_sq, rms_n, rms_eps, stride_g, stride_o, stride_hgt, stride_hgpos, stride_hgs,
-                          stride_bgs, stride_bgr, stride_as, stride_ar, stride_hdp, stride_hdt, BLOCK_M: tl.constexpr,
-                          BN: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr,
-                          SPLIT: tl.constexpr, NATIVE: tl.constexpr, NATIVE_E: tl.constexpr, SHRINK: tl.constexpr,
-                          IEEE: tl.constexpr, RMS: tl.constexpr, SQ_P2: tl.constexpr):
+                          scal_g_ptr, a_ptr, rank_d_ptr, hd_ptr, sorted_ptr, blk_count_ptr, blk_ptr, nb, T, n, n_pos,
+                          stride_g, stride_o, stride_hgt, stride_hgpos, stride_hgs, stride_bgs, stride_bgr, stride_as,
+                          stride_ar, stride_hdp, stride_hdt, BLOCK_M: tl.constexpr, BN: tl.constexpr,
+                          BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
+                          NATIVE: tl.constexpr, NATIVE_E: tl.constexpr, SHRINK: tl.constexpr, IEEE: tl.constexpr):
     """One column tile (program_id 0) of one segment's rows (program_id 1), or, ROWS, of every row, in one
     block of BLOCK_M rows (program_id 2); or, BLOCKS, of the step's segment blocks program_id 1,
     + num_programs 1, ... Without SHRINK, down's shrink happens elsewhere (its GEMM's extra rows)."""
@@ -408,19 +411,17 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr,
         for blk in range(tl.program_id(1), tl.load(blk_count_ptr + 1), tl.num_programs(1)):
             rows, row_ok, slot = _block(blk, sorted_ptr, blk_ptr, nb, BLOCK_M)
             g, u = _silu_load(gu_ptr, rows, row_ok, cols, col_ok, n, stride_g)
-            rstd = _row_rstd(ssq_ptr, n_sq, rows, row_ok, rms_n, rms_eps, RMS, SQ_P2)
-            act, part = _silu_lora(g, u, rstd, slot, tl.where(slot >= 0, row_ok, False), rows, cols, col_ok, n,
+            act, part = _silu_lora(g, u, slot, tl.where(slot >= 0, row_ok, False), rows, cols, col_ok, n,
                                    tail_pos_ptr, n_pos, hg_ptr, stride_hgt, stride_hgpos, stride_hgs, bg_ptr,
                                    stride_bgs, stride_bgr, rank_g_ptr, scal_g_ptr, a_ptr, stride_as, stride_ar,
                                    rank_d_ptr, out_ptr.dtype.element_ty, BLOCK_M, BLOCK_R, NATIVE, NATIVE_E, SHRINK,
-                                   IEEE, RMS)
+                                   IEEE)
             _silu_store(hd_ptr, out_ptr, part, act, row_ok, rows, cols, col_ok, stride_hdp, stride_hdt, stride_o,
                         BLOCK_R, SHRINK)
     else:
         rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < T
         g, u = _silu_load(gu_ptr, rows, row_ok, cols, col_ok, n, stride_g)       # every row: waits on nothing
-        rstd = _row_rstd(ssq_ptr, n_sq, rows, row_ok, rms_n, rms_eps, RMS, SQ_P2)
         if ROWS:
             own = row_ok
             s0, use = _row_slots(slot_ptr, rows, row_ok)
@@ -433,7 +434,7 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr,
             u = _expand_rows(u, h_rows + stride_hgs, tl.load(rank_g_ptr + s0 * 2 + 1, mask=use, other=0),
                              tl.load(scal_g_ptr + s0 * 2 + 1, mask=use, other=0.0), b_rows, stride_bgr, n + cols,
                              col_ok, BLOCK_R > RANK_UNROLL)
-            act = _silu_mul(g, u, rstd, out_ptr.dtype.element_ty, RMS)
+            act = _silu_mul(g, u, out_ptr.dtype.element_ty)
             part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             if SHRINK:
                 part = _shrink_rows(act.to(tl.float32), a_ptr + s0 * stride_as, stride_ar,
@@ -443,10 +444,10 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr,
             if SPLIT:                                       # (a one-segment grid compiles no branch)
                 if (slot < 0) & (tl.program_id(1) > 0):
                     return                                  # past the step's segments
-            act, part = _silu_lora(g, u, rstd, slot, use, rows, cols, col_ok, n, tail_pos_ptr, n_pos, hg_ptr, stride_hgt,
+            act, part = _silu_lora(g, u, slot, use, rows, cols, col_ok, n, tail_pos_ptr, n_pos, hg_ptr, stride_hgt,
                                    stride_hgpos, stride_hgs, bg_ptr, stride_bgs, stride_bgr, rank_g_ptr, scal_g_ptr,
                                    a_ptr, stride_as, stride_ar, rank_d_ptr, out_ptr.dtype.element_ty, BLOCK_M,
-                                   BLOCK_R, NATIVE, NATIVE_E, SHRINK, IEEE, RMS)
+                                   BLOCK_R, NATIVE, NATIVE_E, SHRINK, IEEE)
         _silu_store(hd_ptr, out_ptr, part, act, own, rows, cols, col_ok, stride_hdp, stride_hdt, stride_o, BLOCK_R,
                     SHRINK)
 
@@ -508,16 +509,6 @@ def _grid(meta: LoRAMeta, h: torch.Tensor, t: int, kernel: str, grid: str | None
     return grid, k if grid == "segments" else 1, _block_m(t)
 
 
-def _rms_args(rms: RmsParts | None, t: int, dummy: torch.Tensor) -> tuple:
-    """(ssq, parts, n, eps) kernel arguments for a deferred RMS scale, or ones nothing reads."""
-    if rms is None:
-        return dummy, 1, 1, 1.0
-    if rms.ssq.dim() != 2 or rms.ssq.shape[0] != t or rms.ssq.dtype != torch.float32 or not rms.ssq.is_contiguous():
-        raise ValueError(f"rms: ssq must be contiguous float32 [{t}, parts], got {rms.ssq.dtype} "
-                         f"{tuple(rms.ssq.shape)}")
-    return rms.ssq, rms.ssq.shape[1], rms.n, rms.eps
-
-
 def _native_expand(h: torch.Tensor, fam) -> bool:
     """Whether the expands may multiply h by B on tensor cores in the model dtype: h holds values of that
     dtype (a GEMM's columns), so nothing rounds. Past MANY_TOKENS tokens only: at 256 tokens it took
@@ -535,13 +526,38 @@ def _block_m(t: int) -> int:
     return min(ROW_BLOCK, max(16, triton.next_power_of_2(t)))
 
 
+def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, meta: LoRAMeta,
+              h: torch.Tensor, fam, tail_pos: torch.Tensor | None = None, num_warps: int = NORM[0],
+              rank_chunk: int = NORM[1]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, s): s = x + expand + residual, out = w * rmsnorm(s); one program a row.
+
+    The expand: x[t] += scaling * sum_p h[p, t, pos(t), 0] @ B[slot(t)], ``fam`` a one-slice
+    family, rounded to x's dtype before the residual is added (a norm without LoRA is
+    ``kernels.fused.add_rms_norm``).
+    """
+    check_norm_args(x, residual, weight)
+    t, n = x.shape
+    _check_meta(meta, t)
+    _check_family("expand", fam, None, n, 1)
+    _check_h("expand", h, None, t, fam, tail_pos)
+    out, s = torch.empty_like(x), torch.empty_like(x)
+    if t:
+        _norm_lora_kernel[(t,)](
+            x, residual if residual is not None else x, weight, out, s, meta.token_slot,
+            tail_pos if h.stride(2) else meta.token_slot, h, fam.lora_b, fam.ranks, fam.scalings, n, h.shape[0],
+            h.shape[2],
+            x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), s.stride(0),
+            *h.stride()[:3], *fam.lora_b.stride()[:2], eps, HAS_RES=residual is not None, HAS_POS=h.stride(2) != 0,
+            BLOCK=triton.next_power_of_2(n), BLOCK_R=max(rank_chunk, _block_r(fam)),
+            P_P2=triton.next_power_of_2(h.shape[0]), RC=rank_chunk, num_warps=num_warps)
+    return out, s
+
+
 def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin: torch.Tensor,
                  positions: torch.Tensor, meta: LoRAMeta, num_heads: int, num_kv_heads: int,
-                 tail_pos: torch.Tensor, num_warps: int | None = None, grid: str | None = None,
-                 rms: RmsParts | None = None) -> None:
-    """In place on qkv [T, (HQ + 2 HK) * D]: q, k, v += scaling * h[0, t, pos(t), i] @ B, times 1/rms[t] when
-    the norm before deferred it (``rms``), rounded, then rotary on q and k. h [1, T, positions, 3, R]: the qkv
-    GEMM's extra columns (``LoRATails.split``)."""
+                 tail_pos: torch.Tensor, num_warps: int | None = None, grid: str | None = None) -> None:
+    """In place on qkv [T, (HQ + 2 HK) * D]: q, k, v += scaling * h[0, t, pos(t), i] @ B (rounded), then
+    rotary on q and k. h [1, T, positions, 3, R]: the qkv GEMM's extra columns (``LoRATails.split``)."""
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.dtype not in _DTYPES:
         raise ValueError(f"qkv must be 2-D with unit column stride, got {tuple(qkv.shape)}")
     t, width = qkv.shape
@@ -557,25 +573,21 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
     if positions.shape != (t,):
         raise ValueError(f"positions must be [{t}], got {tuple(positions.shape)}")
     grid, programs, block_m = _grid(meta, h, t, "rotary", grid)
-    ssq, n_sq, rms_n, rms_eps = _rms_args(rms, t, fam.scalings)
     if t:
         _rotary_lora_kernel[(heads, programs, 1 if grid == "blocks" else triton.cdiv(t, block_m))](
             qkv, cos, sin, positions, meta.token_slot, meta.seg_slot, tail_pos, h, fam.lora_b, fam.ranks,
-            fam.scalings, meta.sorted_idx, meta.blk_count, meta.blk_start, ssq, meta.blk_start.numel(), t, h.shape[2],
-            n_sq, rms_n, rms_eps, qkv.stride(0), cos.stride(0), h.stride(1), h.stride(2), h.stride(3),
-            *fam.lora_b.stride()[:2],
+            fam.scalings, meta.sorted_idx, meta.blk_count, meta.blk_start, meta.blk_start.numel(), t, h.shape[2],
+            qkv.stride(0), cos.stride(0), h.stride(1), h.stride(2), h.stride(3), *fam.lora_b.stride()[:2],
             HQ=num_heads, HK=num_kv_heads, HALF=dim // 2, HALF_P2=max(16, triton.next_power_of_2(dim // 2)),
             BLOCK_M=block_m, BLOCK_R=max(16, _block_r(fam)), ROWS=grid == "rows", BLOCKS=grid == "blocks",
             SPLIT=grid == "segments" and programs > 1, NATIVE=_native_expand(h, fam),
-            IEEE=not native_dot(qkv.dtype), RMS=rms is not None, SQ_P2=triton.next_power_of_2(n_sq),
-            num_warps=num_warps or ROTARY_WARPS[grid], num_stages=3)
+            IEEE=not native_dot(qkv.dtype), num_warps=num_warps or ROTARY_WARPS[grid], num_stages=3)
 
 
 def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam, down_fam,
                   tail_pos: torch.Tensor, block_n: int | None = None, num_warps: int | None = None,
-                  grid: str | None = None, rms: RmsParts | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(act, h_down): gate_up += scaling * h_gate_up[0, t, pos(t), i] @ B, times 1/rms[t] when the norm before
-    deferred it (``rms``), rounded, act = silu(g) * u,
+                  grid: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(act, h_down): gate_up += scaling * h_gate_up[0, t, pos(t), i] @ B (rounded), act = silu(g) * u,
     and h_down = act @ A_down.T as float32 parts [column tiles, T, 1 (stride 0), 1, R] (sum them over the
     first dim): the h that ``norm_lora`` takes. Without ``down_fam`` (down's A under its GEMM instead),
     no h_down: None."""
@@ -597,19 +609,16 @@ def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor
     block_r = max(16, _block_r(gate_up_fam), _block_r(a_fam))
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     h_down = torch.empty((tiles if shrink else 1, t, block_r), dtype=torch.float32, device=gate_up.device)
-    ssq, n_sq, rms_n, rms_eps = _rms_args(rms, t, h_down)
     if t:
         _silu_mul_lora_kernel[(tiles, programs, 1 if grid == "blocks" else triton.cdiv(t, block_m))](
             gate_up, out, meta.token_slot, meta.seg_slot, tail_pos, h_gate_up, gate_up_fam.lora_b, gate_up_fam.ranks,
             gate_up_fam.scalings, a_fam.lora_a, a_fam.ranks, h_down, meta.sorted_idx, meta.blk_count,
-            meta.blk_start, ssq, meta.blk_start.numel(), t, n, h_gate_up.shape[2], n_sq, rms_n, rms_eps,
-            gate_up.stride(0), out.stride(0),
+            meta.blk_start, meta.blk_start.numel(), t, n, h_gate_up.shape[2], gate_up.stride(0), out.stride(0),
             *h_gate_up.stride()[1:4], *gate_up_fam.lora_b.stride()[:2], a_fam.lora_a.stride(0),
             a_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1), BLOCK_M=block_m, BN=block_n,
             BLOCK_R=block_r, ROWS=grid == "rows", BLOCKS=grid == "blocks", SPLIT=grid == "segments" and programs > 1,
             NATIVE=native_dot(gate_up.dtype), NATIVE_E=_native_expand(h_gate_up, gate_up_fam), SHRINK=shrink,
-            IEEE=not native_dot(gate_up.dtype), RMS=rms is not None, SQ_P2=triton.next_power_of_2(n_sq),
-            num_warps=num_warps)
+            IEEE=not native_dot(gate_up.dtype), num_warps=num_warps)
     if not shrink:
         return out, None
     return out, h_down.as_strided((tiles, t, 1, 1, block_r), (h_down.stride(0), h_down.stride(1), 0, block_r, 1))

@@ -6,10 +6,8 @@ references of ``lora_torch.py`` for the LoRA parts, with tokens given as a list 
     expand_ref(y, h, fam, offs, slots)    = y[t, slice i] + scaling * h[i, t, :r] @ B[slot(t), :r, slice i],
                                             rounded to y's dtype (rows without a slot unchanged)
     norm_lora_ref       = add_rms_norm(expand(x, h summed over its parts), residual)
-    norm_lora_unscaled_ref = (w * s, s, 1/rms(s)) with s as in norm_lora_ref: the norm's 1/rms deferred
-    rotary_lora_ref     = expand of q/k/v (times the deferred 1/rms, if any), then rotary on q and k
-    silu_mul_lora_ref   = expand of gate/up (times the deferred 1/rms, if any), then silu_mul, then shrink of
-                          the product
+    rotary_lora_ref     = expand of q/k/v, then rotary on q and k
+    silu_mul_lora_ref   = expand of gate/up, then silu_mul, then shrink of the product
 """
 from __future__ import annotations
 
@@ -40,15 +38,10 @@ def shrink_ref(x: torch.Tensor, fam, token_slot: list[int]) -> torch.Tensor:
 
 
 def expand_ref(y: torch.Tensor, h: torch.Tensor, fam, out_offsets: tuple[int, ...],
-               token_slot: list[int], rstd: torch.Tensor | None = None) -> torch.Tensor:
-    """y + expand, rounded to y's dtype; with ``rstd`` [T] (a deferred norm's 1/rms), (y + expand) * rstd of
-    every row, rounded once."""
+               token_slot: list[int]) -> torch.Tensor:
     h = h[:, :, : fam.lora_a.shape[2]].float()
-    meta = _meta(token_slot, y.device)
-    if rstd is None:
-        return lora_expand_ref(h, fam.lora_b, fam.ranks, fam.scalings, out_offsets, meta, y.clone())
-    y32 = lora_expand_ref(h, fam.lora_b, fam.ranks, fam.scalings, out_offsets, meta, y.float())
-    return (y32 * rstd[:, None]).to(y.dtype)
+    return lora_expand_ref(h, fam.lora_b, fam.ranks, fam.scalings, out_offsets, _meta(token_slot, y.device),
+                           y.clone())
 
 
 def norm_lora_ref(x, residual, weight, eps, token_slot, h, fam, tail_pos=None):
@@ -61,32 +54,22 @@ def norm_lora_ref(x, residual, weight, eps, token_slot, h, fam, tail_pos=None):
     return out, s
 
 
-def norm_lora_unscaled_ref(x, residual, weight, eps, token_slot, h, fam, tail_pos=None):
-    """(out, s, rstd): s as in ``norm_lora_ref``, out = w * s rounded to x's dtype, rstd [T] = 1/rms(s) float32."""
-    s = expand_ref(x, token_h(h, token_slot, tail_pos), fam, (0, x.shape[1]), token_slot)
-    if residual is not None:
-        s = s + residual
-    sf = s.float()
-    return (weight.float() * sf).to(x.dtype), s, torch.rsqrt(sf.pow(2).mean(-1) + eps)
-
-
-def rotary_lora_ref(qkv, h, fam, cos, sin, positions, token_slot, num_heads, num_kv_heads, tail_pos, rstd=None):
+def rotary_lora_ref(qkv, h, fam, cos, sin, positions, token_slot, num_heads, num_kv_heads, tail_pos):
     t, width = qkv.shape
     h = token_h(h, token_slot, tail_pos)
     dim = width // (num_heads + 2 * num_kv_heads)
     q, kv = num_heads * dim, num_kv_heads * dim
-    qkv = expand_ref(qkv, h, fam, (0, q, q + kv, q + 2 * kv), token_slot, rstd)
+    qkv = expand_ref(qkv, h, fam, (0, q, q + kv, q + 2 * kv), token_slot)
     c, s = cos[positions], sin[positions]
     rq = rotary_ref(qkv[:, :q].view(t, num_heads, dim), c, s).reshape(t, q)
     rk = rotary_ref(qkv[:, q:q + kv].view(t, num_kv_heads, dim), c, s).reshape(t, kv)
     return torch.cat((rq, rk, qkv[:, q + kv:]), dim=1)
 
 
-def silu_mul_lora_ref(gate_up, token_slot, expand=None, shrink=None, tail_pos=None, rstd=None):
+def silu_mul_lora_ref(gate_up, token_slot, expand=None, shrink=None, tail_pos=None):
     """``expand``: (h [1, T, positions, 2, R], gate/up family); returns (act, h_down [1, T, R])."""
     n = gate_up.shape[1] // 2
     if expand is not None:
-        gate_up = expand_ref(gate_up, token_h(expand[0], token_slot, tail_pos), expand[1], (0, n, 2 * n), token_slot,
-                             rstd)
+        gate_up = expand_ref(gate_up, token_h(expand[0], token_slot, tail_pos), expand[1], (0, n, 2 * n), token_slot)
     act = silu_mul_ref(gate_up)
     return act, shrink_ref(act, shrink, token_slot) if shrink is not None else None

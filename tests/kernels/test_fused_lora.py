@@ -9,11 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_lora import (MANY_TOKENS, MAX_TOKENS, LoRATails, LoRAWeights, RmsParts, rotary_lora_,
-                                silu_mul_lora)
-from kernels.fused_lora_norm import norm_lora, norm_lora_unscaled
-from kernels.fused_lora_torch import (norm_lora_ref, norm_lora_unscaled_ref, rotary_lora_ref, shrink_ref,
-                                      silu_mul_lora_ref)
+from kernels.fused_lora import MANY_TOKENS, MAX_TOKENS, LoRATails, LoRAWeights, norm_lora, rotary_lora_, silu_mul_lora
+from kernels.fused_lora_torch import norm_lora_ref, rotary_lora_ref, shrink_ref, silu_mul_lora_ref
 from kernels.lora_meta import LoRAMeta
 
 CUDA = torch.cuda.is_available()
@@ -126,44 +123,6 @@ def test_norm_lora_expand_from_gemm_columns(seed, rel_err, adapters, dtype):
         assert rel_err(s, ref_s) <= TOL[dtype] and rel_err(out, ref_out) <= TOL[dtype]
 
 
-def one_position(h, ref_h, mix, tail_pos):
-    """A one-adapter step's h cut to that adapter's position, as the engine's tail bucket 1 gives it, and
-    a tail_pos mapping the slot there (0)."""
-    slot = next(sl for sl in mix if sl >= 0)
-    p = tail_pos[slot]
-    pos = [0] * SLOTS
-    return h[:, :, p:p + 1], ref_h[:, :, p:p + 1], pos, torch.tensor(pos, dtype=torch.int32, device=DEV)
-
-
-@pytest.mark.parametrize("adapters", ADAPTERS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_m, block_n", [(None, 64), (16, 32)])
-def test_norm_lora_unscaled(seed, rel_err, adapters, dtype, block_m, block_n):
-    """The norm with its 1/rms deferred: out = w * s, and the per-tile sums of squares add up to s's; one
-    adapter's step (h of one position) takes its B tile on tensor cores, several gather per row."""
-    hidden, t, r = (200, 37, 8) if not CUDA else (4096, 40, 16)
-    mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
-    f_o = family(hidden, [hidden], ranks_for(1, r), r, dtype)
-    w = (1 + 0.1 * torch.randn(hidden, device=DEV)).to(dtype)
-    x, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_o, mix, tail_pos, hidden)
-    if adapters == 1:
-        h, ref_h, tail_pos, tail_pos_dev = one_position(h, ref_h, mix, tail_pos)
-    for res in (torch.randn(t, hidden, device=DEV).to(dtype), None):
-        out, s, rms = norm_lora_unscaled(x, res, w, 1e-6, meta, h, f_o, tail_pos_dev, block_m=block_m,
-                                         block_n=block_n)
-        ref_out, ref_s, ref_rstd = norm_lora_unscaled_ref(x, res, w, 1e-6, mix, ref_h, f_o, tail_pos)
-        assert rms.ssq.shape == (t, -(-hidden // block_n)) and rms.n == hidden
-        assert rel_err(s, ref_s) <= TOL[dtype] and rel_err(out, ref_out) <= TOL[dtype]
-        assert rel_err(rms.rstd(), ref_rstd) <= 1e-5
-        scaled, _ = norm_lora_ref(x, res, w, 1e-6, mix, ref_h, f_o, tail_pos)   # what the consumer ends up with
-        assert rel_err(out.float() * rms.rstd()[:, None], scaled) <= 2 * TOL[dtype]
-
-
-def random_rms(t, n):
-    """A deferred 1/rms for t rows (three column parts), as ``norm_lora_unscaled`` leaves it."""
-    return RmsParts(torch.rand(t, 3, device=DEV) * n + 0.1, n, 1e-6)
-
-
 def rotary_tables(d, dtype):
     max_pos = 64
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=DEV).float() / d))
@@ -180,15 +139,14 @@ def test_rotary_lora_from_gemm_columns(seed, rel_err, adapters, dtype, hidden, h
     check_rotary(rel_err, adapters, dtype, hidden, hq, hk, d, t, max_rank, grid)
 
 
-def check_rotary(rel_err, adapters, dtype, hidden, hq, hk, d, t, max_rank, grid, rms=None):
+def check_rotary(rel_err, adapters, dtype, hidden, hq, hk, d, t, max_rank, grid):
     mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
     f = family(hidden, [hq * d, hk * d, hk * d], ranks_for(3, max_rank), max_rank, dtype)
     qkv, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f, mix, tail_pos, f.lora_b.shape[2])
     cos, sin, max_pos = rotary_tables(d, dtype)
     pos = torch.randint(0, max_pos, (t,), device=DEV)
-    ref = rotary_lora_ref(qkv.clone(), ref_h, f, cos, sin, pos, mix, hq, hk, tail_pos,
-                          rms.rstd() if rms else None)
-    rotary_lora_(qkv, h, f, cos, sin, pos, meta, hq, hk, tail_pos_dev, grid=grid, rms=rms)
+    ref = rotary_lora_ref(qkv.clone(), ref_h, f, cos, sin, pos, mix, hq, hk, tail_pos)
+    rotary_lora_(qkv, h, f, cos, sin, pos, meta, hq, hk, tail_pos_dev, grid=grid)
     assert rel_err(qkv, ref) <= TOL[dtype] * 2
 
 
@@ -202,20 +160,19 @@ def test_silu_mul_lora(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter,
     check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, max_rank, grid)
 
 
-def check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, max_rank, grid, rms=None):
+def check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, max_rank, grid):
     mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
     f_gu = family(hidden, [inter, inter], ranks_for(2, max_rank), max_rank, dtype)
     f_d = family(inter, [hidden], ranks_for(1, max_rank), max_rank, dtype)
     gu, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_gu, mix, tail_pos, 2 * inter)
     ref_gu = gu.clone()
-    act, parts = silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev, grid=grid, rms=rms)
-    ref_act, ref_hd = silu_mul_lora_ref(ref_gu, mix, expand=(ref_h, f_gu), shrink=f_d, tail_pos=tail_pos,
-                                        rstd=rms.rstd() if rms else None)
+    act, parts = silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev, grid=grid)
+    ref_act, ref_hd = silu_mul_lora_ref(ref_gu, mix, expand=(ref_h, f_gu), shrink=f_d, tail_pos=tail_pos)
     assert rel_err(act, ref_act) <= TOL[dtype] * 2
     assert parts.shape[0] > 1, "several column tiles, so the parts really are summed"
     assert parts.shape[2:4] == (1, 1) and parts.stride(2) == 0, "the parts are per token: no positions"
     assert rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
-    act2, none = silu_mul_lora(gu, meta, h, f_gu, None, tail_pos_dev, grid=grid, rms=rms)  # down's shrink elsewhere
+    act2, none = silu_mul_lora(gu, meta, h, f_gu, None, tail_pos_dev, grid=grid)   # down's shrink elsewhere
     assert none is None and rel_err(act2, ref_act) <= TOL[dtype] * 2       # (its own tile and warps: not bitwise)
 
 
@@ -230,18 +187,6 @@ def test_steps_past_many_tokens(seed, rel_err, adapters, dtype, grid):
     t = MANY_TOKENS + 7 if not CUDA else MAX_TOKENS
     check_rotary(rel_err, adapters, dtype, hidden, hq, hk, d, t, RANKS[-1], grid)
     check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, RANKS[-1], grid)
-
-
-@pytest.mark.parametrize("adapters", ADAPTERS)
-@pytest.mark.parametrize("grid", GRIDS)
-def test_rotary_and_silu_mul_apply_a_deferred_rms(seed, rel_err, adapters, grid):
-    """After ``norm_lora_unscaled`` the GEMM's output rows (every row, with LoRA or without) are 1/rms too
-    large: rotary and SiLU-mul scale them after the expand, before rounding."""
-    hidden, hq, hk, d, inter, t = SHAPES[1]
-    dtype = torch.float32 if not CUDA else torch.bfloat16
-    t = MANY_TOKENS + 7 if grid == "blocks" and not CUDA else t
-    check_rotary(rel_err, adapters, dtype, hidden, hq, hk, d, t, RANKS[0], grid, random_rms(t, hidden))
-    check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, RANKS[0], grid, random_rms(t, hidden))
 
 
 @pytest.mark.parametrize("pad", [64, 128])
@@ -301,13 +246,6 @@ def test_bad_inputs(seed):
     with pytest.raises(ValueError, match="3 adapters in the step but h holds 2 tail positions"):
         silu_mul_lora(torch.randn(7, 16, device=DEV), meta3, torch.zeros(1, 7, 2, 2, 4, device=DEV), f_gu, f_d,
                       tail_pos)
-    with pytest.raises(ValueError, match=r"h must be \[1,"):
-        norm_lora_unscaled(x, None, w, 1e-6, meta, torch.zeros(2, 3, 2, 1, 4, device=DEV), f, tail_pos)
-    with pytest.raises(ValueError, match="rms: ssq must be"):
-        rotary_lora_(torch.randn(3, 32, device=DEV), torch.zeros(1, 3, 2, 3, 4, device=DEV),
-                     family(16, [16, 8, 8], [[4, 4, 4]] * SLOTS, 4, torch.float32), torch.ones(4, 8, device=DEV),
-                     torch.ones(4, 8, device=DEV), torch.zeros(3, dtype=torch.long, device=DEV), meta, 2, 1, tail_pos,
-                     rms=RmsParts(torch.ones(4, 2, device=DEV), 32, 1e-6))
     with pytest.raises(ValueError, match="grid must be"):
         silu_mul_lora(torch.randn(7, 16, device=DEV), meta3, torch.zeros(1, 7, 4, 2, 4, device=DEV), f_gu, f_d,
                       tail_pos, grid="tiles")

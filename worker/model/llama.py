@@ -47,11 +47,7 @@ class LlamaModel:
         self.fused_lora_tokens = self.tail_positions = 0
         if fused_lora_tokens:
             from kernels import fused_lora          # Triton: imported only where it runs
-            from kernels import fused_lora_norm
-            self.fused, self.fused_norm = fused_lora, fused_lora_norm
-            # the LoRA norms leave 1/rms to the kernel after the next GEMM (kernels/fused_lora_norm.py): not in
-            # float16, whose range the unnormalised rows may leave, nor with a q/k/v bias, which 1/rms must not scale
-            self.defer_rms = weights.embed.dtype != torch.float16 and not cfg.qkv_bias
+            self.fused = fused_lora
             self.fused_lora_tokens = min(fused_lora_tokens, fused_lora.MAX_TOKENS)
             # qkv, o and gate_up get room under them for the A rows of a step's adapters (one position each,
             # at most one adapter a token); the layers keep views of the base part, so the other paths read
@@ -182,8 +178,6 @@ class LlamaModel:
         q/k/v's, o's and gate/up's shrinks come out of the extra columns of their GEMMs
         (``stage_lora`` put the A rows of the step's adapters there), down's from SiLU-mul or its GEMM too
         (``down_in_gemm``), and every expand happens in the kernel that reads the projection's output next.
-        A norm whose h comes from a GEMM's columns defers its 1/rms (``defer_rms``) to rotary or SiLU-mul; the
-        final norm does not, nor one that sums SiLU-mul's parts (each column tile would sum them again).
         """
         cfg, fl, pos = self.cfg, self.fused, self.tail_pos.device
         layers, fams, eps, meta = self.w.layers, self.lora.layers, cfg.rms_norm_eps, s.lora
@@ -193,35 +187,23 @@ class LlamaModel:
         down_t = self.tails["down"] if self.down_in_gemm(t, k) else None
         down_pad = DOWN_PAD_FEW_TOKENS if t <= fl.MANY_TOKENS else None
         h, residual = self.ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
-        rms = None                                  # the 1/rms the input norm left to rotary
         for i, layer in enumerate(layers):
             fam = fams[i]
             qkv, h_qkv = qkv_t.split(F.linear(h, *qkv_t.weight(i, k)), k)
             fl.rotary_lora_(qkv, h_qkv, fam["qkv"], self.cos, self.sin, s.positions, meta, cfg.num_heads,
-                            cfg.num_kv_heads, pos, rms=rms)
+                            cfg.num_kv_heads, pos)
             q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             o, h_o = o_t.split(F.linear(self._attend(q, kk, v, kv_caches[i], s), o_t.weight(i, k)[0]), k)
-            h, residual, rms = self._norm(o, residual, layer.post_norm, h_o, fam["o"], meta, self.defer_rms)
+            h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"], pos)
             gu, h_gu = gu_t.split(F.linear(h, gu_t.weight(i, k)[0]), k)
-            act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], None if down_t else fam["down"], pos,
-                                           rms=rms)
+            act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], None if down_t else fam["down"], pos)
             if down_t:
                 d, h_down = down_t.split(F.linear(act, down_t.weight(i, k, down_pad)[0]), k)
             else:
                 d = F.linear(act, layer.down)
-            last = i + 1 == len(layers)
-            next_norm = self.w.norm if last else layers[i + 1].input_norm
-            h, residual, rms = self._norm(d, residual, next_norm, h_down, fam["down"], meta,
-                                          self.defer_rms and down_t is not None and not last)
+            next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
+            h, residual = fl.norm_lora(d, residual, next_norm, eps, meta, h_down, fam["down"], pos)
         return h
-
-    def _norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, fam, meta,
-              defer: bool) -> tuple:
-        """(out, s, rms) of a LoRA norm of the fused step: rms is the deferred 1/rms (out = w * s) or None."""
-        eps, pos = self.cfg.rms_norm_eps, self.tail_pos.device
-        if defer:
-            return self.fused_norm.norm_lora_unscaled(x, residual, weight, eps, meta, h, fam, pos)
-        return *self.fused_norm.norm_lora(x, residual, weight, eps, meta, h, fam, pos), None
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], s: StepInputs) -> torch.Tensor:
