@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fused_lora import MANY_TOKENS, MAX_TOKENS, LoRATails, LoRAWeights, norm_lora, rotary_lora_, silu_mul_lora
+from kernels.fused_lora_dense import ExpandTails, fits, silu_mul_lora_dense
 from kernels.fused_lora_torch import norm_lora_ref, rotary_lora_ref, shrink_ref, silu_mul_lora_ref
 from kernels.lora_meta import LoRAMeta
 
@@ -174,6 +175,39 @@ def check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, max_rank, grid):
     assert rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
     act2, none = silu_mul_lora(gu, meta, h, f_gu, None, tail_pos_dev, grid=grid)   # down's shrink elsewhere
     assert none is None and rel_err(act2, ref_act) <= TOL[dtype] * 2       # (its own tile and warps: not bitwise)
+
+
+@pytest.mark.parametrize("adapters", [1, 3, SLOTS - 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden, hq, hk, d, inter, t", SHAPES[:2])
+@pytest.mark.parametrize("max_rank", RANKS)
+def test_silu_mul_lora_dense(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter, t, max_rank):
+    """gate/up's expand as one product against the B tails: every slot's B staged at its tail position (rows
+    past its rank as the slots leave them: finite), h NaN wherever a row must not read it."""
+    mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
+    f_gu = family(hidden, [inter, inter], ranks_for(2, max_rank), max_rank, dtype)
+    f_d = family(inter, [hidden], ranks_for(1, max_rank), max_rank, dtype)
+    gu, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_gu, mix, tail_pos, 2 * inter)
+    b_tails = ExpandTails(1, SLOTS + 1, max_rank, 2 * inter, dtype, DEV)      # a position past the slots: unused
+    b_tails.b[0].normal_()
+    for slot in range(SLOTS):
+        b_tails.rows(0, tail_pos[slot]).copy_(f_gu.lora_b[slot].nan_to_num(1e3))
+    ref_act, ref_hd = silu_mul_lora_ref(gu.clone(), mix, expand=(ref_h, f_gu), shrink=f_d, tail_pos=tail_pos)
+    h = h[:, :, :SLOTS]                     # k positions of h, more of the tails
+    if not fits(SLOTS, max_rank, t, dtype):
+        with pytest.raises(ValueError, match="too large for shared memory"):
+            silu_mul_lora_dense(gu, meta, h, f_gu, None, tail_pos_dev, b_tails.b[0])
+        return
+    for down in (f_d, None):
+        act, parts = silu_mul_lora_dense(gu, meta, h, f_gu, down, tail_pos_dev, b_tails.b[0])
+        assert rel_err(act, ref_act) <= TOL[dtype] * 2
+        assert (parts is None) == (down is None)
+        if down is not None:
+            assert parts.shape[0] > 1 and rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
+    with pytest.raises(ValueError, match="b_tail must be"):
+        silu_mul_lora_dense(gu, meta, h, f_gu, None, tail_pos_dev, b_tails.b[0][: max_rank * (SLOTS - 1)])
+    with pytest.raises(ValueError, match="position must be in"):
+        b_tails.rows(0, SLOTS + 1)
 
 
 @pytest.mark.parametrize("adapters", ADAPTERS)

@@ -46,8 +46,8 @@ class LlamaModel:
         self.lora = lora          # AdapterSlots: the LoRA weights resident for this step
         self.fused_lora_tokens = self.tail_positions = 0
         if fused_lora_tokens:
-            from kernels import fused_lora          # Triton: imported only where it runs
-            self.fused = fused_lora
+            from kernels import fused_lora, fused_lora_dense          # Triton: imported only where it runs
+            self.fused, self.dense = fused_lora, fused_lora_dense
             self.fused_lora_tokens = min(fused_lora_tokens, fused_lora.MAX_TOKENS)
             # qkv, o and gate_up get room under them for the A rows of a step's adapters (one position each,
             # at most one adapter a token); the layers keep views of the base part, so the other paths read
@@ -61,6 +61,11 @@ class LlamaModel:
                 w.o = self.tails["o"].add(w.o)
                 w.gate_up = self.tails["gate_up"].add(w.gate_up)
                 w.down = self.tails["down"].add(w.down)
+            # gate/up's B rows too, at the first positions, for steps that few adapters take the dense expand
+            # (``fused_lora_dense``; 235 MB at Llama-3-8B, rank 16)
+            self.b_tails = fused_lora_dense.ExpandTails(
+                len(weights.layers), min(fused_lora_dense.DENSE_POSITIONS, self.tail_positions), lora.max_rank,
+                weights.layers[0].gate_up.shape[0], weights.embed.dtype, weights.embed.device)
             self._staged: list[tuple[int, int] | None] = [None] * self.tail_positions   # (slot, generation)
             self.tail_pos = StagedBuffer(lora.num_slots, torch.int32, weights.embed.device)  # slot -> position
             self._pos_of = [0] * lora.num_slots                                                 # its host copy
@@ -133,11 +138,12 @@ class LlamaModel:
 
     def stage_lora(self, s: StepInputs) -> None:
         """Put the A rows (q/k/v, o, gate/up, down) of the step's adapters under the base weights, at positions
-        below the step's ``tail_bucket``, unless they are there; ``tail_pos`` maps each slot to its position.
+        below the step's ``tail_bucket``, unless they are there, and at the first ``b_tails.positions`` positions
+        gate/up's B rows into ``b_tails`` too; ``tail_pos`` maps each slot to its position.
 
         Runs before a step (a captured graph replays without it). An adapter that is already staged below
         the bucket, with its slot's contents unchanged since, stays where it is; the others go to free
-        positions there (a copy of about 0.8 MB a layer at rank 16, 1.25 MB with down's). So steady decoding
+        positions there (a copy of about 1.25 MB a layer at rank 16, 2.2 MB with gate/up's B). So steady decoding
         copies nothing, and a step with the same adapters, bucket and slot contents as the last staging
         returns at once.
         """
@@ -164,6 +170,9 @@ class LlamaModel:
                 for f, tails in self.tails.items():
                     dst.append(tails.a_rows(i, p))
                     src.append(fams[f].lora_a[slot])
+                if p < self.b_tails.positions:
+                    dst.append(self.b_tails.rows(i, p))
+                    src.append(fams["gate_up"].lora_b[slot])
         if dst:
             torch._foreach_copy_(dst, src)
         if any(self._pos_of[slot] != p for slot, p in pos.items()):
@@ -186,6 +195,8 @@ class LlamaModel:
         k = self.tail_bucket(meta.num_segments, t)
         down_t = self.tails["down"] if self.down_in_gemm(t, k) else None
         down_pad = DOWN_PAD_FEW_TOKENS if t <= fl.MANY_TOKENS else None
+        dense = t <= fl.MANY_TOKENS and k <= self.b_tails.positions and \
+            self.dense.takes(k, self.lora.max_rank, t, self.w.embed.dtype)
         h, residual = self.ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
         for i, layer in enumerate(layers):
             fam = fams[i]
@@ -196,7 +207,12 @@ class LlamaModel:
             o, h_o = o_t.split(F.linear(self._attend(q, kk, v, kv_caches[i], s), o_t.weight(i, k)[0]), k)
             h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"], pos)
             gu, h_gu = gu_t.split(F.linear(h, gu_t.weight(i, k)[0]), k)
-            act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], None if down_t else fam["down"], pos)
+            down_fam = None if down_t else fam["down"]
+            if dense:
+                act, h_down = self.dense.silu_mul_lora_dense(gu, meta, h_gu, fam["gate_up"], down_fam, pos,
+                                                             self.b_tails.b[i])
+            else:
+                act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], down_fam, pos)
             if down_t:
                 d, h_down = down_t.split(F.linear(act, down_t.weight(i, k, down_pad)[0]), k)
             else:
