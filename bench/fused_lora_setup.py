@@ -6,11 +6,13 @@ import random
 import torch
 
 from bench.engine import workload
+from bench.kernels import graphed, median_us
 from kernels import fused_lora as fl
 from kernels.lora_meta import LoRAMeta
 
 dev, dt, T, R, H, I = "cuda", torch.bfloat16, 32, 16, 4096, 14336
 SLOTS = 33
+LAYERS = 16       # layers' own weights a timing cycles through, so that B streams from DRAM as in a step
 
 
 def fam(n_in, widths, slots=SLOTS):
@@ -38,11 +40,16 @@ def small_inputs():
             torch.arange(T, device=dev))
 
 
-def gemm_h(width, n_slices, k):
-    """A GEMM output [T, width + extra] for k positions and its h view."""
+def gemm_h(width, n_slices, k, t=T):
+    """A GEMM output [t, width + extra] for k positions and its h view."""
     tails = fl.LoRATails(n_slices, R, k)
     tails.out = width
-    return tails.split(torch.randn(T, width + tails.rows(k), device=dev).to(dt), k)[1]
+    return tails.split(torch.randn(t, width + tails.rows(k), device=dev).to(dt), k)[1]
+
+
+def per_call(fn):
+    """us per call of fn(layer), over LAYERS layers replayed in one CUDA graph (launch gaps included)."""
+    return median_us(graphed(lambda: [fn(i) for i in range(LAYERS)])) / LAYERS
 
 
 def steps():

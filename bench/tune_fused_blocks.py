@@ -17,15 +17,9 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
 from kernels.lora_meta import LoRAMeta
-from bench.fused_lora_setup import H, I, R, dev, dt, fam as setup_fam, workload_slots
-from bench.kernels import graphed, median_us
+from bench.fused_lora_setup import H, I, LAYERS, R, dev, dt, fam as setup_fam, per_call, workload_slots
 
-LAYERS, SLOTS = 16, 65                                   # 64 tail positions
-
-
-def per_call(fn):
-    """us per call of fn(layer), over LAYERS layers replayed in one CUDA graph (launch gaps included)."""
-    return median_us(graphed(lambda: [fn(i) for i in range(LAYERS)])) / LAYERS
+SLOTS = 65                                               # 64 tail positions
 
 
 def fam(n_in, widths):

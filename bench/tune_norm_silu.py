@@ -14,16 +14,9 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
-from bench.kernels import graphed, median_us
-from bench.fused_lora_setup import H, I, T, dev, dt, fam, gemm_h, steps
+from bench.fused_lora_setup import H, I, LAYERS, T, dev, dt, fam, gemm_h, per_call, steps
 
-LAYERS = 16
 torch.manual_seed(0)
-
-
-def per_call(fn):
-    """us per call of fn(layer), over LAYERS layers replayed in one CUDA graph (launch gaps included)."""
-    return median_us(graphed(lambda: [fn(i) for i in range(LAYERS)])) / LAYERS
 
 
 tail_pos, metas = steps()

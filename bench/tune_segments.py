@@ -17,18 +17,13 @@ import triton
 from kernels import fused, fused_lora as fl
 from kernels.fused_lora_torch import rotary_lora_ref, silu_mul_lora_ref
 from kernels.lora_meta import LoRAMeta
-from bench.kernels import graphed, median_us, rel_err
-from bench.fused_lora_setup import H, I, SLOTS, T, dev, dt, fam, gemm_h
+from bench.kernels import rel_err
+from bench.fused_lora_setup import H, I, LAYERS, SLOTS, T, dev, dt, fam, gemm_h, per_call
 
-LAYERS = 16
 ADAPTERS = (1, 2, 4, 6, 8, 10, 16, 32)
 SILU = [("segments", 64, 2), ("segments", 32, 2), ("segments", 64, 4), ("rows", 64, 4)]   # columns a program, warps
 ROTARY = [("segments", 8), ("segments", 4), ("rows", 8)]                                   # warps
 GRID = {"segments": 64, "rows": 0}
-
-
-def per_call(fn):
-    return median_us(graphed(lambda: [fn(i) for i in range(LAYERS)])) / LAYERS
 
 
 def main() -> None:

@@ -19,11 +19,10 @@ import triton
 from kernels import fused, fused_lora as fl
 from kernels.fused_lora_dense import ExpandTails, silu_mul_lora_dense
 from kernels.lora_meta import SEG_BLOCK, LoRAMeta
-from bench.fused_lora_setup import H, I, R, dev, dt, fam as setup_fam, workload_slots
-from bench.kernels import graphed, median_us
+from bench.fused_lora_setup import H, I, LAYERS, R, dev, dt, fam as setup_fam, gemm_h, per_call, workload_slots
 from worker.model.llama import TAIL_BUCKETS, DOWN_GEMM_MAX_POSITIONS, DOWN_SHRINK_IN_SILU_TOKENS
 
-LAYERS, SLOTS = 16, 65
+SLOTS = 65
 _grid = fl._grid
 
 
@@ -34,18 +33,8 @@ def wide_grid(meta, h, t, kernel, grid):
     return grid, h.shape[2] + triton.cdiv(t, SEG_BLOCK), SEG_BLOCK
 
 
-def per_call(fn):
-    return median_us(graphed(lambda: [fn(i) for i in range(LAYERS)])) / LAYERS
-
-
 def fam(n_in, widths):
     return setup_fam(n_in, widths, SLOTS)
-
-
-def gemm_h(t, width, n_slices, k):
-    tails = fl.LoRATails(n_slices, R, k)
-    tails.out = width
-    return tails.split(torch.randn(t, width + tails.rows(k), device=dev).to(dt), k)[1]
 
 
 def main():
@@ -76,7 +65,7 @@ def main():
             k = min(next(b for b in TAIL_BUCKETS if b >= n), t)
             shrink = not (t > DOWN_SHRINK_IN_SILU_TOKENS or k <= DOWN_GEMM_MAX_POSITIONS)
             print(f"\n== {name}: {n} adapters, bucket {k}, down's shrink in {'SiLU-mul' if shrink else 'its GEMM'}")
-            h_gu, h_qkv = gemm_h(t, 2 * I, 2, k), gemm_h(t, 6144, 3, k)
+            h_gu, h_qkv = gemm_h(2 * I, 2, k, t), gemm_h(6144, 3, k, t)
             for order, slots in (("drawn", drawn), ("sorted", sorted(drawn))):
                 meta = LoRAMeta.allocate(t, SLOTS, dev).fill(slots)
                 for grid, wide in (("segments", False), ("rows", False), ("blocks", False), ("blocks", True)):

@@ -489,6 +489,20 @@ def _check_meta(meta: LoRAMeta, t: int) -> None:
         raise ValueError(f"the LoRA metadata holds {meta.token_slot.numel()} tokens, the step {t}")
 
 
+def check_silu_args(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam, down_fam,
+                    tail_pos: torch.Tensor) -> tuple[int, int]:
+    """(T, I) of a SiLU-mul with LoRA (this module's and ``fused_lora_dense``'s), its arguments checked."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1 or gate_up.dtype not in _DTYPES:
+        raise ValueError(f"gate_up must be [T, 2I] with unit column stride, got {tuple(gate_up.shape)}")
+    t, n2 = gate_up.shape
+    _check_meta(meta, t)
+    _check_family("gate_up", gate_up_fam, None, n2, 2)
+    _check_h("gate_up", h_gate_up, 1, t, gate_up_fam, tail_pos)
+    if down_fam is not None:
+        _check_family("down", down_fam, n2 // 2, None, 1)
+    return t, n2 // 2
+
+
 def _grid(meta: LoRAMeta, h: torch.Tensor, t: int, kernel: str, grid: str | None) -> tuple[str, int, int]:
     """(grid, programs along axis 1, rows a program takes at once) of a rotary or SiLU-mul launch. Up to
     MANY_TOKENS tokens, "segments", a program per tail position of h (the step's adapters sit at distinct
@@ -592,15 +606,7 @@ def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor
     and h_down = act @ A_down.T as float32 parts [column tiles, T, 1 (stride 0), 1, R] (sum them over the
     first dim): the h that ``norm_lora`` takes. Without ``down_fam`` (down's A under its GEMM instead),
     no h_down: None."""
-    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1 or gate_up.dtype not in _DTYPES:
-        raise ValueError(f"gate_up must be [T, 2I] with unit column stride, got {tuple(gate_up.shape)}")
-    t, n2 = gate_up.shape
-    n = n2 // 2
-    _check_meta(meta, t)
-    _check_family("gate_up", gate_up_fam, None, n2, 2)
-    _check_h("gate_up", h_gate_up, 1, t, gate_up_fam, tail_pos)
-    if down_fam is not None:
-        _check_family("down", down_fam, n, None, 1)
+    t, n = check_silu_args(gate_up, meta, h_gate_up, gate_up_fam, down_fam, tail_pos)
     grid, programs, block_m = _grid(meta, h_gate_up, t, "silu", grid)
     block_n = block_n or SILU[grid, down_fam is not None][0]
     num_warps = num_warps or SILU[grid, down_fam is not None][1]

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fused_lora import (_block_m, _block_r, _check_family, _check_h, _check_meta, _position,
-                                _row_slots, _shrink_rows, _silu_load, _silu_mul, _silu_store)
+from kernels.fused_lora import (_block_m, _block_r, _position, _row_slots, _shrink_rows, _silu_load, _silu_mul,
+                                _silu_store, check_silu_args)
 from kernels.lora_meta import LoRAMeta
 from kernels.mma import mma, native_dot
 
@@ -130,13 +130,8 @@ def silu_mul_lora_dense(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.
     """``fused_lora.silu_mul_lora`` with gate/up's B read from ``b_tail`` ([positions * R, 2I], an
     ``ExpandTails`` layer: the B of the adapter at position p in rows p * R on, R the slots' max rank), so that
     the expand of every row is one dense product. h_gate_up [1, T, k, 2, R], k <= positions."""
-    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
-        raise ValueError(f"gate_up must be [T, 2I] with unit column stride, got {tuple(gate_up.shape)}")
-    t, n2 = gate_up.shape
-    n = n2 // 2
-    _check_meta(meta, t)
-    _check_family("gate_up", gate_up_fam, None, n2, 2)
-    _check_h("gate_up", h_gate_up, 1, t, gate_up_fam, tail_pos)
+    t, n = check_silu_args(gate_up, meta, h_gate_up, gate_up_fam, down_fam, tail_pos)
+    n2 = 2 * n
     r, k = gate_up_fam.lora_a.shape[2], h_gate_up.shape[2]       # B tail rows a position: the slots' max rank
     if b_tail.dim() != 2 or b_tail.shape[1] != n2 or b_tail.shape[0] < k * r or b_tail.shape[0] % r \
             or b_tail.stride(1) != 1 or b_tail.dtype != gate_up_fam.lora_b.dtype:
@@ -144,8 +139,6 @@ def silu_mul_lora_dense(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.
                          f"stride, got {b_tail.dtype} {tuple(b_tail.shape)}")
     if meta.num_segments > k:
         raise ValueError(f"{meta.num_segments} adapters in the step but h holds {k} tail positions")
-    if down_fam is not None:
-        _check_family("down", down_fam, n, None, 1)
     shrink = down_fam is not None
     rp = triton.next_power_of_2(r)
     inner = _inner(k, r)
