@@ -194,26 +194,6 @@ def _shrink_rows(x, a_rows, stride_ar, rank, cols, col_ok, BLOCK_M: tl.constexpr
     return part
 
 
-@triton.jit
-def _shrink_dense(act, at_ptr, stride_at, rank, p, use, n_pos, R, cols, col_ok, BLOCK_M: tl.constexpr,
-                  KC: tl.constexpr, BLOCK_R: tl.constexpr, STAGES: tl.constexpr, NATIVE: tl.constexpr,
-                  IEEE: tl.constexpr):
-    """[BLOCK_M, BLOCK_R] float32: act[t, cols] @ A[pos(t)][:rank(t), cols].T with A read from rows staged per
-    position (position q's A in rows q * R on): a product against KC positions at a time, each row then keeping
-    its own position's columns."""
-    j = tl.arange(0, KC * BLOCK_R)
-    rj = j % BLOCK_R
-    part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for c in tl.range(0, n_pos, KC, num_stages=STAGES):
-        pj = c + j // BLOCK_R
-        a = tl.load(at_ptr + (pj * R + rj)[None, :] * stride_at + cols[:, None],
-                    mask=col_ok[:, None] & ((pj < n_pos) & (rj < R))[None, :], other=0.0)
-        full = mma(act, a.to(act.dtype), NATIVE, IEEE)              # [BLOCK_M, KC * BLOCK_R]
-        keep = use[:, None] & (pj[None, :] == p[:, None]) & (rj[None, :] < rank[:, None])
-        part += tl.sum(tl.reshape(tl.where(keep, full, 0.0), (BLOCK_M, KC, BLOCK_R)), axis=1)
-    return part
-
-
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -418,12 +398,11 @@ def _silu_store(hd_ptr, out_ptr, part, act, own, rows, cols, col_ok, stride_hdp,
 
 @triton.jit
 def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, hg_ptr, bg_ptr, rank_g_ptr,
-                          scal_g_ptr, a_ptr, rank_d_ptr, hd_ptr, sorted_ptr, blk_count_ptr, blk_ptr, at_ptr, nb, T, n,
-                          n_pos, stride_g, stride_o, stride_hgt, stride_hgpos, stride_hgs, stride_bgs, stride_bgr,
-                          stride_as, stride_ar, stride_hdp, stride_hdt, stride_at, R, BLOCK_M: tl.constexpr,
-                          BN: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr,
-                          SPLIT: tl.constexpr, NATIVE: tl.constexpr, NATIVE_E: tl.constexpr, SHRINK: tl.constexpr,
-                          IEEE: tl.constexpr, KC: tl.constexpr, STAGES: tl.constexpr):
+                          scal_g_ptr, a_ptr, rank_d_ptr, hd_ptr, sorted_ptr, blk_count_ptr, blk_ptr, nb, T, n, n_pos,
+                          stride_g, stride_o, stride_hgt, stride_hgpos, stride_hgs, stride_bgs, stride_bgr, stride_as,
+                          stride_ar, stride_hdp, stride_hdt, BLOCK_M: tl.constexpr, BN: tl.constexpr,
+                          BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
+                          NATIVE: tl.constexpr, NATIVE_E: tl.constexpr, SHRINK: tl.constexpr, IEEE: tl.constexpr):
     """One column tile (program_id 0) of one segment's rows (program_id 1), or, ROWS, of every row, in one
     block of BLOCK_M rows (program_id 2); or, BLOCKS, of the step's segment blocks program_id 1,
     + num_programs 1, ... Without SHRINK, down's shrink happens elsewhere (its GEMM's extra rows)."""
@@ -458,12 +437,9 @@ def _silu_mul_lora_kernel(gu_ptr, out_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr,
                              col_ok, BLOCK_R > RANK_UNROLL)
             act = _silu_mul(g, u, out_ptr.dtype.element_ty)
             part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            if SHRINK == 1:
+            if SHRINK:
                 part = _shrink_rows(act.to(tl.float32), a_ptr + s0 * stride_as, stride_ar,
                                     tl.load(rank_d_ptr + s0, mask=use, other=0), cols, col_ok, BLOCK_M, BLOCK_R)
-            if SHRINK == 2:
-                part = _shrink_dense(act, at_ptr, stride_at, tl.load(rank_d_ptr + s0, mask=use, other=0), p, use,
-                                     n_pos, R, cols, col_ok, BLOCK_M, KC, BLOCK_R, STAGES, NATIVE, IEEE)
         else:
             slot, own, use = _segment(seg_slot_ptr, slot_ptr, rows, row_ok)
             if SPLIT:                                       # (a one-segment grid compiles no branch)
@@ -625,8 +601,7 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
 
 def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam, down_fam,
                   tail_pos: torch.Tensor, block_n: int | None = None, num_warps: int | None = None,
-                  grid: str | None = None, a_tail: torch.Tensor | None = None, chunk: int = 4,
-                  num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  grid: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act, h_down): gate_up += scaling * h_gate_up[0, t, pos(t), i] @ B (rounded), act = silu(g) * u,
     and h_down = act @ A_down.T as float32 parts [column tiles, T, 1 (stride 0), 1, R] (sum them over the
     first dim): the h that ``norm_lora`` takes. Without ``down_fam`` (down's A under its GEMM instead),
@@ -636,20 +611,18 @@ def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor
     block_n = block_n or SILU[grid, down_fam is not None][0]
     num_warps = num_warps or SILU[grid, down_fam is not None][1]
     tiles = triton.cdiv(n, block_n)
-    shrink = 0 if down_fam is None else 2 if a_tail is not None and grid == "rows" else 1
+    shrink = down_fam is not None
     a_fam = down_fam if shrink else gate_up_fam        # (without the shrink: pointers nothing reads)
     block_r = max(16, _block_r(gate_up_fam), _block_r(a_fam))
-    at = a_tail if shrink == 2 else a_fam.lora_a
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     h_down = torch.empty((tiles if shrink else 1, t, block_r), dtype=torch.float32, device=gate_up.device)
     if t:
         _silu_mul_lora_kernel[(tiles, programs, 1 if grid == "blocks" else triton.cdiv(t, block_m))](
             gate_up, out, meta.token_slot, meta.seg_slot, tail_pos, h_gate_up, gate_up_fam.lora_b, gate_up_fam.ranks,
             gate_up_fam.scalings, a_fam.lora_a, a_fam.ranks, h_down, meta.sorted_idx, meta.blk_count,
-            meta.blk_start, at, meta.blk_start.numel(), t, n, h_gate_up.shape[2], gate_up.stride(0), out.stride(0),
+            meta.blk_start, meta.blk_start.numel(), t, n, h_gate_up.shape[2], gate_up.stride(0), out.stride(0),
             *h_gate_up.stride()[1:4], *gate_up_fam.lora_b.stride()[:2], a_fam.lora_a.stride(0),
-            a_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1), at.stride(0), a_fam.lora_a.shape[2],
-            BLOCK_M=block_m, BN=block_n, KC=chunk, STAGES=num_stages,
+            a_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1), BLOCK_M=block_m, BN=block_n,
             BLOCK_R=block_r, ROWS=grid == "rows", BLOCKS=grid == "blocks", SPLIT=grid == "segments" and programs > 1,
             NATIVE=native_dot(gate_up.dtype), NATIVE_E=_native_expand(h_gate_up, gate_up_fam), SHRINK=shrink,
             IEEE=not native_dot(gate_up.dtype), num_warps=num_warps)
@@ -714,12 +687,6 @@ class LoRATails:
         e = self.ext[layer]
         at = self.out + position * self.block
         return e[at: at + self.block].view(self.n_slices, self.max_rank, e.shape[1])
-
-    def tail(self, layer: int, positions: int) -> torch.Tensor:
-        """[positions * n_slices * max_rank, in]: the A rows of the first ``positions`` positions, unpadded."""
-        if not 1 <= positions <= self.positions:
-            raise ValueError(f"positions must be in [1, {self.positions}], got {positions}")
-        return self.ext[layer][self.out: self.out + positions * self.block]
 
     def split(self, y: torch.Tensor, positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """GEMM output [T, out + rows(k)] -> (projection [T, out], h [1, T, k, n_slices, max_rank]) as views.

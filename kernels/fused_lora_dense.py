@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fused_lora import (_block_m, _block_r, _position, _row_slots, _shrink_dense, _shrink_rows, _silu_load,
-                                _silu_mul, _silu_store, check_silu_args)
+from kernels.fused_lora import (_block_m, _block_r, _position, _row_slots, _shrink_rows, _silu_load, _silu_mul,
+                                _silu_store, check_silu_args)
 from kernels.lora_meta import LoRAMeta
 from kernels.mma import mma, native_dot
 
@@ -31,47 +31,35 @@ from kernels.mma import mma, native_dot
 # call against 6.5 for the segment grid, 6 adapters 8.6 against 9.7 per row; 13 adapters in a bucket of 16 lost,
 # 26.0 against 14.4, and 32 52.9 against 21.4: bench/NOTES-kernels.md v14)
 DENSE_POSITIONS = 8
-DENSE_INNER = 128         # steps of at most this many (position, rank) rows of B take one product a tile
-CHUNK_INNER = 64          # larger ones a product per this many rows, pipelined
-# (columns a program, warps, pipeline stages) for one position, one product over several, and chunks
-DENSE_SILU = {"one": (64, 8, 1), "few": (128, 8, 1), "chunks": (64, 4, 3)}
+DENSE_INNER = 128         # ... and at most this many (position, rank) rows of B a tile: measured at rank 16 only
+DENSE_SILU = {True: (64, 8), False: (128, 8)}      # (columns a program, warps) for one position, and several
 # shared memory a program's two products may stage, h and B tiles of gate and up (Triton stages both operands:
-# 2 x (inner x columns + rows x inner) elements a stage; 256 KB at float32, rank 64, 5 positions ran out on the
-# H100)
+# 2 x (inner x columns + rows x inner) elements; 256 KB at float32, rank 64, 5 positions ran out on the H100)
 SHARED_BUDGET = 96 * 1024
 
 
 def takes(positions: int, max_rank: int, tokens: int, dtype: torch.dtype) -> bool:
     """Whether a step of ``tokens`` tokens whose h holds ``positions`` tail positions takes the dense expand."""
-    return positions <= DENSE_POSITIONS and fits(positions, max_rank, tokens, dtype)
+    return positions <= DENSE_POSITIONS and _inner(positions, max_rank) <= DENSE_INNER and \
+        fits(positions, max_rank, tokens, dtype)
 
 
-def fits(positions: int, max_rank: int, tokens: int, dtype: torch.dtype, chunk: int | None = None) -> bool:
-    """Whether ``silu_mul_lora_dense`` can take such a step at all (shared memory), by default or with
-    ``chunk`` positions a product."""
-    kc, (_, _, stages) = plan(positions, max_rank)
-    chunk = chunk or kc
-    return _columns(chunk * triton.next_power_of_2(max_rank), _block_m(tokens), dtype.itemsize, 16,
-                    stages) is not None
+def fits(positions: int, max_rank: int, tokens: int, dtype: torch.dtype) -> bool:
+    """Whether ``silu_mul_lora_dense`` can take such a step at all (shared memory)."""
+    return _columns(_inner(positions, max_rank), _block_m(tokens), dtype.itemsize, 16) is not None
 
 
-def plan(positions: int, max_rank: int) -> tuple[int, tuple[int, int, int]]:
-    """(positions a product, its ``DENSE_SILU`` entry) for a step of ``positions`` tail positions: every
-    position in one product while they fit DENSE_INNER (ranks and positions padded to powers of two, at
-    least 16 rows), else CHUNK_INNER rows at a time (at least one position)."""
-    rp = triton.next_power_of_2(max_rank)
-    inner = max(16, triton.next_power_of_2(positions) * rp)
-    if inner <= DENSE_INNER:
-        return inner // rp, DENSE_SILU["one" if positions == 1 else "few"]
-    return max(1, CHUNK_INNER // rp), DENSE_SILU["chunks"]
-
-
-def _columns(inner: int, block_m: int, itemsize: int, most: int, stages: int) -> int | None:
+def _columns(inner: int, block_m: int, itemsize: int, most: int) -> int | None:
     """Columns a program takes: at most ``most``, within SHARED_BUDGET; None if not even 16 fit."""
-    fit = SHARED_BUDGET // (2 * itemsize * inner * stages) - block_m
+    fit = SHARED_BUDGET // (2 * itemsize * inner) - block_m
     if fit < 16:
         return None
     return min(most, 1 << (fit.bit_length() - 1))
+
+
+def _inner(positions: int, max_rank: int) -> int:
+    """The product's inner dimension: positions and ranks each padded to a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(positions) * triton.next_power_of_2(max_rank))
 
 
 class ExpandTails:
@@ -94,103 +82,86 @@ class ExpandTails:
 
 @triton.jit
 def _silu_mul_lora_dense_kernel(gu_ptr, out_ptr, slot_ptr, tail_pos_ptr, hg_ptr, bt_ptr, rank_g_ptr, scal_g_ptr,
-                                a_ptr, at_ptr, rank_d_ptr, hd_ptr, T, n, n_pos, stride_g, stride_o, stride_ht,
-                                stride_hpos, stride_hs, stride_bt, stride_as, stride_ar, stride_at, stride_hdp,
-                                stride_hdt, R, BLOCK_M: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
-                                KC: tl.constexpr, BLOCK_R: tl.constexpr, SHRINK: tl.constexpr,
-                                STAGES: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
-    """One column tile (program_id 0) of one block of BLOCK_M rows (program_id 1). The expand's inner dimension
-    runs over the step's positions KC at a time (KC positions of RP >= R ranks a product); SHRINK 1 shrinks down
-    per row, 2 as dense products over ``at_ptr``, down's A rows staged per position like B."""
+                                a_ptr, rank_d_ptr, hd_ptr, T, n, n_pos, stride_g, stride_o, stride_ht, stride_hpos,
+                                stride_hs, stride_bt, stride_as, stride_ar, stride_hdp, stride_hdt,
+                                R, BLOCK_M: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr,
+                                BLOCK_R: tl.constexpr, SHRINK: tl.constexpr, NATIVE: tl.constexpr,
+                                IEEE: tl.constexpr):
+    """One column tile (program_id 0) of one block of BLOCK_M rows (program_id 1); the product's inner
+    dimension runs over KP positions of RP (>= R, a power of two) ranks."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < n
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     g, u = _silu_load(gu_ptr, rows, row_ok, cols, col_ok, n, stride_g)
+    j = tl.arange(0, KP * RP)                      # (position, rank) of the product's inner dimension
+    pj = j // RP
+    rj = j % RP
+    j_ok = (pj < n_pos) & (rj < R)
+    bm = j_ok[:, None] & col_ok[None, :]
+    b_at = bt_ptr + (pj * R + rj)[:, None] * stride_bt + cols[None, :]
+    bg = tl.load(b_at, mask=bm, other=0.0)
+    bu = tl.load(b_at + n, mask=bm, other=0.0)
+    h_at = hg_ptr + rows[:, None] * stride_ht + pj[None, :] * stride_hpos + rj[None, :]
+    hm = row_ok[:, None] & j_ok[None, :]
+    hg = tl.load(h_at, mask=hm, other=0.0)
+    hu = tl.load(h_at + stride_hs, mask=hm, other=0.0)
     s0, use = _row_slots(slot_ptr, rows, row_ok)
     p, use = _position(tail_pos_ptr, s0, use, n_pos, True)
+    own = use[:, None] & (pj[None, :] == p[:, None])
     rank_g = tl.load(rank_g_ptr + s0 * 2, mask=use, other=0)
     rank_u = tl.load(rank_g_ptr + s0 * 2 + 1, mask=use, other=0)
-    j = tl.arange(0, KC * RP)                      # (position in the chunk, rank) of a product's inner dimension
-    rj = j % RP
-    acc_g = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-    for c in tl.range(0, n_pos, KC, num_stages=STAGES):
-        pj = c + j // RP
-        b_at = bt_ptr + (pj * R + rj)[:, None] * stride_bt + cols[None, :]
-        bm = ((pj < n_pos) & (rj < R))[:, None] & col_ok[None, :]
-        bg = tl.load(b_at, mask=bm, other=0.0)
-        bu = tl.load(b_at + n, mask=bm, other=0.0)
-        # a row's h only at its own position and rank (a masked load: h may hold NaN elsewhere)
-        own = use[:, None] & (pj[None, :] == p[:, None])
-        h_at = hg_ptr + rows[:, None] * stride_ht + pj[None, :] * stride_hpos + rj[None, :]
-        hg = tl.load(h_at, mask=own & (rj[None, :] < rank_g[:, None]), other=0.0)
-        hu = tl.load(h_at + stride_hs, mask=own & (rj[None, :] < rank_u[:, None]), other=0.0)
-        acc_g += mma(hg.to(bg.dtype), bg, NATIVE, IEEE)
-        acc_u += mma(hu.to(bu.dtype), bu, NATIVE, IEEE)
-    g += tl.load(scal_g_ptr + s0 * 2, mask=use, other=0.0)[:, None] * acc_g
-    u += tl.load(scal_g_ptr + s0 * 2 + 1, mask=use, other=0.0)[:, None] * acc_u
+    hg = tl.where(own & (rj[None, :] < rank_g[:, None]), hg, 0.0)   # (where, not a product: h may hold NaN there)
+    hu = tl.where(own & (rj[None, :] < rank_u[:, None]), hu, 0.0)
+    g += tl.load(scal_g_ptr + s0 * 2, mask=use, other=0.0)[:, None] * mma(hg.to(bg.dtype), bg, NATIVE, IEEE)
+    u += tl.load(scal_g_ptr + s0 * 2 + 1, mask=use, other=0.0)[:, None] * mma(hu.to(bu.dtype), bu, NATIVE, IEEE)
     act = _silu_mul(g, u, out_ptr.dtype.element_ty)
     part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if SHRINK == 1:
+    if SHRINK:
         part = _shrink_rows(act.to(tl.float32), a_ptr + s0 * stride_as, stride_ar,
                             tl.load(rank_d_ptr + s0, mask=use, other=0), cols, col_ok, BLOCK_M, BLOCK_R)
-    if SHRINK == 2:
-        part = _shrink_dense(act, at_ptr, stride_at, tl.load(rank_d_ptr + s0, mask=use, other=0), p, use, n_pos, R,
-                             cols, col_ok, BLOCK_M, KC, BLOCK_R, STAGES, NATIVE, IEEE)
     _silu_store(hd_ptr, out_ptr, part, act, row_ok, rows, cols, col_ok, stride_hdp, stride_hdt, stride_o, BLOCK_R,
-                SHRINK > 0)
+                SHRINK)
 
 
 def silu_mul_lora_dense(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam, down_fam,
-                        tail_pos: torch.Tensor, b_tail: torch.Tensor, a_tail: torch.Tensor | None = None,
-                        chunk: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                        num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        tail_pos: torch.Tensor, b_tail: torch.Tensor, block_n: int | None = None,
+                        num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``fused_lora.silu_mul_lora`` with gate/up's B read from ``b_tail`` ([positions * R, 2I], an
     ``ExpandTails`` layer: the B of the adapter at position p in rows p * R on, R the slots' max rank), so that
-    the expand of every row is a dense product over ``chunk`` positions at a time. h_gate_up [1, T, k, 2, R],
-    k <= positions. With ``down_fam``, down's shrink too: per row from the family's slots, or, given ``a_tail``
-    ([positions * R, I]: down's A rows staged the same way, ``LoRATails.tail``), as dense products."""
+    the expand of every row is one dense product. h_gate_up [1, T, k, 2, R], k <= positions."""
     t, n = check_silu_args(gate_up, meta, h_gate_up, gate_up_fam, down_fam, tail_pos)
+    n2 = 2 * n
     r, k = gate_up_fam.lora_a.shape[2], h_gate_up.shape[2]       # B tail rows a position: the slots' max rank
-    _check_tail("b_tail", b_tail, k * r, r, 2 * n, gate_up_fam.lora_b.dtype)
+    if b_tail.dim() != 2 or b_tail.shape[1] != n2 or b_tail.shape[0] < k * r or b_tail.shape[0] % r \
+            or b_tail.stride(1) != 1 or b_tail.dtype != gate_up_fam.lora_b.dtype:
+        raise ValueError(f"b_tail must be [positions * {r} >= {k * r}, {n2}] of the family's dtype with unit column "
+                         f"stride, got {b_tail.dtype} {tuple(b_tail.shape)}")
     if meta.num_segments > k:
         raise ValueError(f"{meta.num_segments} adapters in the step but h holds {k} tail positions")
-    shrink = 0 if down_fam is None else 1 if a_tail is None else 2
-    if shrink == 2:
-        _check_tail("a_tail", a_tail, k * r, r, n, down_fam.lora_a.dtype)
+    shrink = down_fam is not None
     rp = triton.next_power_of_2(r)
-    kc, cfg = plan(k, r)
-    kc = chunk or kc
-    if kc * rp < 16:
-        raise ValueError(f"a chunk of {kc} positions of rank {r} is below the product's 16 inner rows")
+    inner = _inner(k, r)
     block_m = _block_m(t)
-    stages = num_stages or cfg[2]
-    block_n = block_n or _columns(kc * rp, block_m, gate_up.element_size(), cfg[0], stages)
+    block_n = block_n or _columns(inner, block_m, gate_up.element_size(), DENSE_SILU[k == 1][0])
     if block_n is None:
-        raise ValueError(f"the dense expand over {kc} positions of rank {r} is too large for shared memory in "
+        raise ValueError(f"the dense expand over {k} positions of rank {r} is too large for shared memory in "
                          f"{gate_up.dtype}: use fused_lora.silu_mul_lora")
+    num_warps = num_warps or DENSE_SILU[k == 1][1]
     tiles = triton.cdiv(n, block_n)
     a_fam = down_fam if shrink else gate_up_fam        # (without the shrink: pointers nothing reads)
     block_r = max(16, _block_r(a_fam))
-    at = a_tail if shrink == 2 else b_tail
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     h_down = torch.empty((tiles if shrink else 1, t, block_r), dtype=torch.float32, device=gate_up.device)
     if t:
         _silu_mul_lora_dense_kernel[(tiles, triton.cdiv(t, block_m))](
             gate_up, out, meta.token_slot, tail_pos, h_gate_up, b_tail, gate_up_fam.ranks, gate_up_fam.scalings,
-            a_fam.lora_a, at, a_fam.ranks, h_down, t, n, k, gate_up.stride(0), out.stride(0), *h_gate_up.stride()[1:4],
-            b_tail.stride(0), a_fam.lora_a.stride(0), a_fam.lora_a.stride(2), at.stride(0), h_down.stride(0),
-            h_down.stride(1), r, BLOCK_M=block_m, BN=block_n, RP=rp, KC=kc, BLOCK_R=block_r, SHRINK=shrink,
-            STAGES=stages, NATIVE=native_dot(gate_up.dtype) and h_gate_up.dtype == b_tail.dtype,
-            IEEE=not native_dot(gate_up.dtype), num_warps=num_warps or cfg[1])
+            a_fam.lora_a, a_fam.ranks, h_down, t, n, k, gate_up.stride(0), out.stride(0), *h_gate_up.stride()[1:4],
+            b_tail.stride(0), a_fam.lora_a.stride(0), a_fam.lora_a.stride(2), h_down.stride(0), h_down.stride(1), r,
+            BLOCK_M=block_m, BN=block_n, RP=rp, KP=inner // rp, BLOCK_R=block_r,
+            SHRINK=shrink,
+            NATIVE=native_dot(gate_up.dtype) and h_gate_up.dtype == b_tail.dtype, IEEE=not native_dot(gate_up.dtype),
+            num_warps=num_warps)
     if not shrink:
         return out, None
     return out, h_down.as_strided((tiles, t, 1, 1, block_r), (h_down.stride(0), h_down.stride(1), 0, block_r, 1))
-
-
-def _check_tail(name: str, tail: torch.Tensor, rows: int, r: int, cols: int, dtype: torch.dtype) -> None:
-    if tail.dim() != 2 or tail.shape[1] != cols or tail.shape[0] < rows or tail.shape[0] % r \
-            or tail.stride(1) != 1 or tail.dtype != dtype:
-        raise ValueError(f"{name} must be [positions * {r} >= {rows}, {cols}] of the family's dtype with unit column "
-                         f"stride, got {tail.dtype} {tuple(tail.shape)}")

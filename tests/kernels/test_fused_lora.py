@@ -173,13 +173,6 @@ def check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, max_rank, grid):
     assert parts.shape[0] > 1, "several column tiles, so the parts really are summed"
     assert parts.shape[2:4] == (1, 1) and parts.stride(2) == 0, "the parts are per token: no positions"
     assert rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
-    if grid == "rows":          # down's shrink as products against its A rows staged per position (NaN elsewhere)
-        a_tail = torch.full(((SLOTS + 1) * max_rank, inter), float("nan"), dtype=dtype, device=DEV)
-        for slot in range(SLOTS):
-            a_tail[tail_pos[slot] * max_rank: (tail_pos[slot] + 1) * max_rank].copy_(f_d.lora_a[slot, 0])
-        act3, parts = silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev, grid=grid, a_tail=a_tail, chunk=2)
-        assert rel_err(act3, ref_act) <= TOL[dtype] * 2
-        assert rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
     act2, none = silu_mul_lora(gu, meta, h, f_gu, None, tail_pos_dev, grid=grid)   # down's shrink elsewhere
     assert none is None and rel_err(act2, ref_act) <= TOL[dtype] * 2       # (its own tile and warps: not bitwise)
 
@@ -189,41 +182,30 @@ def check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, max_rank, grid):
 @pytest.mark.parametrize("hidden, hq, hk, d, inter, t", SHAPES[:2])
 @pytest.mark.parametrize("max_rank", RANKS)
 def test_silu_mul_lora_dense(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter, t, max_rank):
-    """gate/up's expand as dense products against the B tails: every slot's B staged at its tail position (rows
-    past its rank as the slots leave them: finite), h NaN wherever a row must not read it; all positions in one
-    product and two a product; down's shrink per row and as products against its A rows staged the same way
-    (NaN past each rank and at the unused position: only a row's own products may reach its h)."""
+    """gate/up's expand as one product against the B tails: every slot's B staged at its tail position (rows
+    past its rank as the slots leave them: finite), h NaN wherever a row must not read it."""
     mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
     f_gu = family(hidden, [inter, inter], ranks_for(2, max_rank), max_rank, dtype)
     f_d = family(inter, [hidden], ranks_for(1, max_rank), max_rank, dtype)
     gu, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_gu, mix, tail_pos, 2 * inter)
     b_tails = ExpandTails(1, SLOTS + 1, max_rank, 2 * inter, dtype, DEV)      # a position past the slots: unused
     b_tails.b[0].normal_()
-    a_tail = torch.full(((SLOTS + 1) * max_rank, inter), float("nan"), dtype=dtype, device=DEV)
     for slot in range(SLOTS):
         b_tails.rows(0, tail_pos[slot]).copy_(f_gu.lora_b[slot].nan_to_num(1e3))
-        a_tail[tail_pos[slot] * max_rank: (tail_pos[slot] + 1) * max_rank].copy_(f_d.lora_a[slot, 0])
     ref_act, ref_hd = silu_mul_lora_ref(gu.clone(), mix, expand=(ref_h, f_gu), shrink=f_d, tail_pos=tail_pos)
     h = h[:, :, :SLOTS]                     # k positions of h, more of the tails
     if not fits(SLOTS, max_rank, t, dtype):
         with pytest.raises(ValueError, match="too large for shared memory"):
             silu_mul_lora_dense(gu, meta, h, f_gu, None, tail_pos_dev, b_tails.b[0])
         return
-    for chunk in (None, 2) if fits(SLOTS, max_rank, t, dtype, 2) else (None,):
-        for down, a in ((f_d, None), (f_d, a_tail), (None, None)):
-            act, parts = silu_mul_lora_dense(gu, meta, h, f_gu, down, tail_pos_dev, b_tails.b[0], a, chunk=chunk)
-            assert rel_err(act, ref_act) <= TOL[dtype] * 2
-            assert (parts is None) == (down is None)
-            if down is not None:
-                assert parts.shape[0] > 1
-                assert rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
+    for down in (f_d, None):
+        act, parts = silu_mul_lora_dense(gu, meta, h, f_gu, down, tail_pos_dev, b_tails.b[0])
+        assert rel_err(act, ref_act) <= TOL[dtype] * 2
+        assert (parts is None) == (down is None)
+        if down is not None:
+            assert parts.shape[0] > 1 and rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
     with pytest.raises(ValueError, match="b_tail must be"):
         silu_mul_lora_dense(gu, meta, h, f_gu, None, tail_pos_dev, b_tails.b[0][: max_rank * (SLOTS - 1)])
-    with pytest.raises(ValueError, match="a_tail must be"):
-        silu_mul_lora_dense(gu, meta, h, f_gu, f_d, tail_pos_dev, b_tails.b[0], a_tail[:, :-1])
-    if max_rank < 16:
-        with pytest.raises(ValueError, match="below the product's 16 inner rows"):
-            silu_mul_lora_dense(gu, meta, h, f_gu, None, tail_pos_dev, b_tails.b[0], chunk=1)
     with pytest.raises(ValueError, match="position must be in"):
         b_tails.rows(0, SLOTS + 1)
 

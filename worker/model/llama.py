@@ -208,10 +208,9 @@ class LlamaModel:
             h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"], pos)
             gu, h_gu = gu_t.split(F.linear(h, gu_t.weight(i, k)[0]), k)
             down_fam = None if down_t else fam["down"]
-            if dense:       # (down's shrink, if here, against its A rows staged under its GEMM)
+            if dense:
                 act, h_down = self.dense.silu_mul_lora_dense(gu, meta, h_gu, fam["gate_up"], down_fam, pos,
-                                                             self.b_tails.b[i],
-                                                             None if down_t else self.tails["down"].tail(i, k))
+                                                             self.b_tails.b[i])
             else:
                 act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], down_fam, pos)
             if down_t:
