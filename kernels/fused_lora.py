@@ -69,7 +69,11 @@ NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tune
 # SiLU-mul (columns a program, warps) by (grid, whether it shrinks down); tuned on the H100 (bench/NOTES-kernels.md)
 SILU = {("segments", True): (64, 2), ("rows", True): (64, 4), ("blocks", True): (64, 2),
         ("segments", False): (64, 4), ("rows", False): (64, 4), ("blocks", False): (128, 4)}
-ROTARY_WARPS = {"segments": 8, "rows": 8, "blocks": 4}
+ROTARY_WARPS = {"segments": 4, "rows": 8, "blocks": 4}
+# rows a program takes at most on the segment and per-row grids (more programs for the GPU's 132 SMs: at 32 tokens
+# rotary took 5.0 us a call with 16 rows against 5.3 with 32 for one adapter, 5.1 against 6.7 at Skewed; SiLU-mul's
+# per-row grid 12.8 with 8 rows against 14.3 at Skewed; bench/NOTES-kernels.md v16)
+FEW_ROWS = {("rotary", "segments"): 16, ("rotary", "rows"): 16, ("silu", "segments"): 16, ("silu", "rows"): 8}
 # Steps whose h holds up to this many tail positions run a program per (tile, segment); beyond, one program a
 # tile gathers each row's own adapter (bench/NOTES-kernels.md v9: at 6 adapters SiLU-mul takes 13.0 us a call
 # that way against 12.7 per-row, at 2 7.8 against 11.8; rotary wins up to 8 adapters, ties at 10)
@@ -503,7 +507,8 @@ def check_silu_args(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tens
     return t, n2 // 2
 
 
-def _grid(meta: LoRAMeta, h: torch.Tensor, t: int, kernel: str, grid: str | None) -> tuple[str, int, int]:
+def _grid(meta: LoRAMeta, h: torch.Tensor, t: int, kernel: str, grid: str | None,
+          block_m: int | None = None) -> tuple[str, int, int]:
     """(grid, programs along axis 1, rows a program takes at once) of a rotary or SiLU-mul launch. Up to
     MANY_TOKENS tokens, "segments", a program per tail position of h (the step's adapters sit at distinct
     positions below it), for at most ``SEGMENTS_MAX[kernel]`` of them, else "rows" (per-row gathers); past
@@ -511,7 +516,8 @@ def _grid(meta: LoRAMeta, h: torch.Tensor, t: int, kernel: str, grid: str | None
     over blocks; for one adapter too: 7.4 against 7.5 us for rotary at 256 tokens, SiLU-mul without down's
     shrink 16.3 against 17.9 on 64-row blocks, bench/NOTES-kernels.md v11). Decided by h's shape and the
     step's size, so that a captured graph keeps its grid for every step of its bucket; programs past the step's segments or blocks do
-    nothing. ``grid`` forces one (tests, tuning)."""
+    nothing. ``grid`` forces one and ``block_m`` the rows a program takes off the blocks grid (by default the
+    step's rows up to ``FEW_ROWS``; tests, tuning)."""
     k = h.shape[2]
     if meta.num_segments > k:
         raise ValueError(f"{meta.num_segments} adapters in the step but h holds {k} tail positions")
@@ -521,7 +527,10 @@ def _grid(meta: LoRAMeta, h: torch.Tensor, t: int, kernel: str, grid: str | None
         return grid, triton.cdiv(t, SEG_BLOCK), SEG_BLOCK
     if grid not in ("segments", "rows"):
         raise ValueError(f"grid must be segments, rows or blocks, got {grid!r}")
-    return grid, k if grid == "segments" else 1, _block_m(t)
+    if block_m is not None and block_m not in ((4, 8, 16, 32, 64) if grid == "rows" else (16, 32, 64)):
+        raise ValueError(f"block_m must be a power of two from {4 if grid == 'rows' else 16} to 64 on the {grid} "
+                         f"grid, got {block_m}")
+    return grid, k if grid == "segments" else 1, block_m or min(_block_m(t), FEW_ROWS[kernel, grid])
 
 
 def _native_expand(h: torch.Tensor, fam) -> bool:
@@ -570,7 +579,8 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
 
 def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin: torch.Tensor,
                  positions: torch.Tensor, meta: LoRAMeta, num_heads: int, num_kv_heads: int,
-                 tail_pos: torch.Tensor, num_warps: int | None = None, grid: str | None = None) -> None:
+                 tail_pos: torch.Tensor, num_warps: int | None = None, grid: str | None = None,
+                 block_m: int | None = None) -> None:
     """In place on qkv [T, (HQ + 2 HK) * D]: q, k, v += scaling * h[0, t, pos(t), i] @ B (rounded), then
     rotary on q and k. h [1, T, positions, 3, R]: the qkv GEMM's extra columns (``LoRATails.split``)."""
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.dtype not in _DTYPES:
@@ -587,7 +597,7 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
         raise ValueError(f"cos/sin must be [max_pos, {dim}], got {tuple(cos.shape)}")
     if positions.shape != (t,):
         raise ValueError(f"positions must be [{t}], got {tuple(positions.shape)}")
-    grid, programs, block_m = _grid(meta, h, t, "rotary", grid)
+    grid, programs, block_m = _grid(meta, h, t, "rotary", grid, block_m)
     if t:
         _rotary_lora_kernel[(heads, programs, 1 if grid == "blocks" else triton.cdiv(t, block_m))](
             qkv, cos, sin, positions, meta.token_slot, meta.seg_slot, tail_pos, h, fam.lora_b, fam.ranks,
@@ -601,13 +611,13 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
 
 def silu_mul_lora(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam, down_fam,
                   tail_pos: torch.Tensor, block_n: int | None = None, num_warps: int | None = None,
-                  grid: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  grid: str | None = None, block_m: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act, h_down): gate_up += scaling * h_gate_up[0, t, pos(t), i] @ B (rounded), act = silu(g) * u,
     and h_down = act @ A_down.T as float32 parts [column tiles, T, 1 (stride 0), 1, R] (sum them over the
     first dim): the h that ``norm_lora`` takes. Without ``down_fam`` (down's A under its GEMM instead),
     no h_down: None."""
     t, n = check_silu_args(gate_up, meta, h_gate_up, gate_up_fam, down_fam, tail_pos)
-    grid, programs, block_m = _grid(meta, h_gate_up, t, "silu", grid)
+    grid, programs, block_m = _grid(meta, h_gate_up, t, "silu", grid, block_m)
     block_n = block_n or SILU[grid, down_fam is not None][0]
     num_warps = num_warps or SILU[grid, down_fam is not None][1]
     tiles = triton.cdiv(n, block_n)

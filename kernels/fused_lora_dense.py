@@ -32,7 +32,8 @@ from kernels.mma import mma, native_dot
 # 26.0 against 14.4, and 32 52.9 against 21.4: bench/NOTES-kernels.md v14)
 DENSE_POSITIONS = 8
 DENSE_INNER = 128         # ... and at most this many (position, rank) rows of B a tile: measured at rank 16 only
-DENSE_SILU = {True: (64, 8), False: (128, 8)}      # (columns a program, warps) for one position, and several
+DENSE_SILU = {True: (32, 4), False: (128, 8)}      # (columns a program, warps) for one position, and several
+DENSE_ROWS = 16           # rows a program takes at most (one adapter at 32 tokens: 5.3 us a call, 5.9 with 32 rows)
 # shared memory a program's two products may stage, h and B tiles of gate and up (Triton stages both operands:
 # 2 x (inner x columns + rows x inner) elements; 256 KB at float32, rank 64, 5 positions ran out on the H100)
 SHARED_BUDGET = 96 * 1024
@@ -46,7 +47,11 @@ def takes(positions: int, max_rank: int, tokens: int, dtype: torch.dtype) -> boo
 
 def fits(positions: int, max_rank: int, tokens: int, dtype: torch.dtype) -> bool:
     """Whether ``silu_mul_lora_dense`` can take such a step at all (shared memory)."""
-    return _columns(_inner(positions, max_rank), _block_m(tokens), dtype.itemsize, 16) is not None
+    return _columns(_inner(positions, max_rank), _rows(tokens), dtype.itemsize, 16) is not None
+
+
+def _rows(tokens: int) -> int:
+    return min(_block_m(tokens), DENSE_ROWS)
 
 
 def _columns(inner: int, block_m: int, itemsize: int, most: int) -> int | None:
@@ -126,7 +131,7 @@ def _silu_mul_lora_dense_kernel(gu_ptr, out_ptr, slot_ptr, tail_pos_ptr, hg_ptr,
 
 def silu_mul_lora_dense(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.Tensor, gate_up_fam, down_fam,
                         tail_pos: torch.Tensor, b_tail: torch.Tensor, block_n: int | None = None,
-                        num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        num_warps: int | None = None, block_m: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``fused_lora.silu_mul_lora`` with gate/up's B read from ``b_tail`` ([positions * R, 2I], an
     ``ExpandTails`` layer: the B of the adapter at position p in rows p * R on, R the slots' max rank), so that
     the expand of every row is one dense product. h_gate_up [1, T, k, 2, R], k <= positions."""
@@ -142,7 +147,7 @@ def silu_mul_lora_dense(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.
     shrink = down_fam is not None
     rp = triton.next_power_of_2(r)
     inner = _inner(k, r)
-    block_m = _block_m(t)
+    block_m = block_m or _rows(t)
     block_n = block_n or _columns(inner, block_m, gate_up.element_size(), DENSE_SILU[k == 1][0])
     if block_n is None:
         raise ValueError(f"the dense expand over {k} positions of rank {r} is too large for shared memory in "

@@ -173,6 +173,13 @@ def check_silu_mul(rel_err, adapters, dtype, hidden, inter, t, max_rank, grid):
     assert parts.shape[0] > 1, "several column tiles, so the parts really are summed"
     assert parts.shape[2:4] == (1, 1) and parts.stride(2) == 0, "the parts are per token: no positions"
     assert rel_err(parts.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
+    # rows a program: a count the grid cannot take is refused; 16 splits the CPU's steps of 19 tokens in two
+    if grid in ("segments", "rows"):
+        with pytest.raises(ValueError, match="block_m must be"):
+            silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev, grid=grid, block_m=12)
+        act16, parts16 = silu_mul_lora(gu, meta, h, f_gu, f_d, tail_pos_dev, grid=grid, block_m=16)
+        assert rel_err(act16, ref_act) <= TOL[dtype] * 2
+        assert rel_err(parts16.sum(0)[None, :, 0, 0, :max_rank], ref_hd) <= TOL[dtype] * 2
     act2, none = silu_mul_lora(gu, meta, h, f_gu, None, tail_pos_dev, grid=grid)   # down's shrink elsewhere
     assert none is None and rel_err(act2, ref_act) <= TOL[dtype] * 2       # (its own tile and warps: not bitwise)
 
