@@ -7,8 +7,9 @@ import torch
 
 from bench.engine import workload
 from bench.kernels import graphed, median_us
-from kernels import fused_lora as fl
+from kernels import fused, fused_lora as fl
 from kernels.lora_meta import LoRAMeta
+from worker.model.llama import DOWN_GEMM_MAX_POSITIONS, DOWN_SHRINK_IN_SILU_TOKENS, TAIL_BUCKETS
 
 dev, dt, T, R, H, I = "cuda", torch.bfloat16, 32, 16, 4096, 14336
 SLOTS = 33
@@ -29,6 +30,22 @@ def workload_slots(name, t, slots=SLOTS, seed=0):
     its adapters numbered in order of first use and capped at ``slots - 1`` (slot s sits at position s - 1)."""
     ids = {}
     return [min(ids.setdefault(a, len(ids) + 1), slots - 1) for a in workload(name, t, random.Random(seed))]
+
+
+def step_shape(name, t, slots=SLOTS):
+    """(slots drawn, adapters, tail bucket, whether SiLU-mul shrinks down) of the engine bench's workload ``name``
+    as a t-token fused step has them (``LlamaModel.tail_bucket`` with tails for every adapter, and
+    ``LlamaModel.down_in_gemm``)."""
+    drawn = workload_slots(name, t, slots)
+    n = len(set(drawn))
+    k = min(next(b for b in TAIL_BUCKETS if b >= n), t)
+    return drawn, n, k, not (t > DOWN_SHRINK_IN_SILU_TOKENS or k <= DOWN_GEMM_MAX_POSITIONS)
+
+
+def rotary_plain(qkv, cos, sin, pos):
+    """The plain rotary on a Llama-3-8B qkv output [t, 6144] (32 q heads, 8 k heads of 128)."""
+    t = qkv.shape[0]
+    fused.rotary_(qkv[:, :4096].view(t, 32, 128), qkv[:, 4096:5120].view(t, 8, 128), cos, sin, pos)
 
 
 def small_inputs():

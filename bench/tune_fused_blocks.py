@@ -17,7 +17,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
 from kernels.lora_meta import LoRAMeta
-from bench.fused_lora_setup import H, I, LAYERS, R, dev, dt, fam as setup_fam, per_call, workload_slots
+from bench.fused_lora_setup import H, I, LAYERS, R, dev, dt, fam as setup_fam, per_call, rotary_plain, workload_slots
 
 SLOTS = 65                                               # 64 tail positions
 
@@ -53,7 +53,7 @@ def main():
         print(f"\n#### {t} tokens")
         print(f"add_rms_norm {per_call(lambda i: fused.add_rms_norm(x[i], res, w, 1e-5)):6.2f} us")
         print(f"silu_mul     {per_call(lambda i: fused.silu_mul(gu[i])):6.2f} us")
-        print(f"rotary       {per_call(lambda i: fused.rotary_(qkv[i][:, :4096].view(t, 32, 128), qkv[i][:, 4096:5120].view(t, 8, 128), cos, cos, pos)):6.2f} us")
+        print(f"rotary       {per_call(lambda i: rotary_plain(qkv[i], cos, cos, pos)):6.2f} us")
         wd = [torch.randn(H, I, device=dev).to(dt) for _ in range(LAYERS)]
         for k in (0, 1, 16, 64):          # down's GEMM with the A rows of k adapters under it (padded to 64)
             tails = fl.LoRATails(1, R, max(k, 1))

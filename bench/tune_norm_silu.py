@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
-from bench.fused_lora_setup import H, I, LAYERS, T, dev, dt, fam, gemm_h, per_call, steps
+from bench.fused_lora_setup import H, I, LAYERS, T, dev, dt, fam, gemm_h, per_call, rotary_plain, steps
 
 torch.manual_seed(0)
 
@@ -33,7 +33,7 @@ cos = torch.randn(1024, 128, device=dev).to(dt)
 pos = torch.arange(T, device=dev)
 f_qkv = [fam(H, [4096, 1024, 1024]) for _ in range(LAYERS)]
 qkv = [torch.randn(T, 6144, device=dev).to(dt) for _ in range(LAYERS)]
-print(f"rotary                        {per_call(lambda i: fused.rotary_(qkv[i][:, :4096].view(T, 32, 128), qkv[i][:, 4096:5120].view(T, 8, 128), cos, cos, pos)):6.2f} us")
+print(f"rotary                        {per_call(lambda i: rotary_plain(qkv[i], cos, cos, pos)):6.2f} us")
 NORMS = [(8, 8), (8, 16), (4, 16), (16, 16)]                # (warps, rank chunk)
 
 for label, (meta, k) in metas.items():

@@ -18,7 +18,7 @@ from kernels import fused, fused_lora as fl
 from kernels.fused_lora_torch import rotary_lora_ref, silu_mul_lora_ref
 from kernels.lora_meta import LoRAMeta
 from bench.kernels import rel_err
-from bench.fused_lora_setup import H, I, LAYERS, SLOTS, T, dev, dt, fam, gemm_h, per_call
+from bench.fused_lora_setup import H, I, LAYERS, SLOTS, T, dev, dt, fam, gemm_h, per_call, rotary_plain
 
 ADAPTERS = (1, 2, 4, 6, 8, 10, 16, 32)
 SILU = [("segments", 64, 2), ("segments", 32, 2), ("segments", 64, 4), ("rows", 64, 4)]   # columns a program, warps
@@ -46,7 +46,7 @@ def main() -> None:
     pos = torch.arange(T, device=dev)
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
     print(f"silu_mul (no LoRA) {per_call(lambda i: fused.silu_mul(gu[i])):6.2f} us")
-    print(f"rotary (no LoRA)   {per_call(lambda i: fused.rotary_(qkv[i][:, :4096].view(T, 32, 128), qkv[i][:, 4096:5120].view(T, 8, 128), cos, sin, pos)):6.2f} us")
+    print(f"rotary (no LoRA)   {per_call(lambda i: rotary_plain(qkv[i], cos, sin, pos)):6.2f} us")
     for k in ADAPTERS:
         bucket = triton.next_power_of_2(k)
         mix = [1 + t % k for t in range(T)]

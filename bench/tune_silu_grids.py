@@ -19,8 +19,8 @@ import triton
 from kernels import fused, fused_lora as fl
 from kernels.fused_lora_dense import ExpandTails, silu_mul_lora_dense
 from kernels.lora_meta import SEG_BLOCK, LoRAMeta
-from bench.fused_lora_setup import H, I, LAYERS, R, dev, dt, fam as setup_fam, gemm_h, per_call, workload_slots
-from worker.model.llama import TAIL_BUCKETS, DOWN_GEMM_MAX_POSITIONS, DOWN_SHRINK_IN_SILU_TOKENS
+from bench.fused_lora_setup import (H, I, LAYERS, R, dev, dt, fam as setup_fam, gemm_h, per_call, rotary_plain,
+                                    step_shape)
 
 SLOTS = 65
 _grid = fl._grid
@@ -58,12 +58,9 @@ def main():
         pos = torch.arange(t, device=dev)
         print(f"\n#### {t} tokens")
         print(f"silu_mul (plain): {per_call(lambda i: fused.silu_mul(gu[i])):6.2f} us")
-        print(f"rotary (plain):   {per_call(lambda i: fused.rotary_(qkv[i][:, :4096].view(t, 32, 128), qkv[i][:, 4096:5120].view(t, 8, 128), cos, cos, pos)):6.2f} us")
+        print(f"rotary (plain):   {per_call(lambda i: rotary_plain(qkv[i], cos, cos, pos)):6.2f} us")
         for name in args.workloads:
-            drawn = workload_slots(name, t, SLOTS)
-            n = len(set(drawn))
-            k = min(next(b for b in TAIL_BUCKETS if b >= n), t)
-            shrink = not (t > DOWN_SHRINK_IN_SILU_TOKENS or k <= DOWN_GEMM_MAX_POSITIONS)
+            drawn, n, k, shrink = step_shape(name, t, SLOTS)
             print(f"\n== {name}: {n} adapters, bucket {k}, down's shrink in {'SiLU-mul' if shrink else 'its GEMM'}")
             h_gu, h_qkv = gemm_h(2 * I, 2, k, t), gemm_h(6144, 3, k, t)
             for order, slots in (("drawn", drawn), ("sorted", sorted(drawn))):
