@@ -36,6 +36,10 @@ class EngineConfig:
                                         # adapters' A rows of extra weight memory (q/k/v, o, gate/up, and
                                         # down where this exceeds 64: ~2.5 GB at Llama-3-8B, rank 16);
                                         # 0 = always separate SGMV
+    tuned_gemms: bool = True            # CUDA, fp16/bf16: the projections' GEMMs in each decode graph run the
+                                        # fastest of cuBLASLt's ranked algorithms for their shape, timed while
+                                        # the graphs are captured (kernels/cublaslt.py; its heuristic's first
+                                        # pick costs gate/up 5% with LoRA's rows under it at batch 32)
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):
@@ -47,6 +51,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise OpenLoRAError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("cuda_graphs", "tuned_gemms"):
+            if not isinstance(getattr(self, name), bool):
+                raise OpenLoRAError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.fused_lora_tokens, int) or self.fused_lora_tokens < 0:
             raise OpenLoRAError(f"fused_lora_tokens must be an integer >= 0, got {self.fused_lora_tokens!r}")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -73,8 +73,9 @@ class DecodeGraphs:
                 inputs = self._pad([0] * n, [0] * n, [[] for _ in range(n)], [1] * n, slots, n)
                 if self.mode(inputs) != mode:
                     raise RuntimeError(f"batch {n}: a capture for mode {mode} would replay as {self.mode(inputs)}")
-                for _ in range(2):                  # compile and warm up outside the capture
-                    self._run(inputs)
+                with self.model.tuning():           # compile, tune the GEMMs, warm up: outside the capture
+                    for _ in range(2):
+                        self._run(inputs)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):

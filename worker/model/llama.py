@@ -6,6 +6,8 @@ through its block table.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -39,11 +41,18 @@ class LlamaModel:
     the qkv, o and gate_up GEMMs and the norm, rotary and SiLU-mul kernels (``kernels/fused_lora.py``: no LoRA
     launch at all; bench/NOTES-kernels.md)."""
 
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, ops, lora, fused_lora_tokens: int = 0):
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, ops, lora, fused_lora_tokens: int = 0,
+                 tuned_gemms: bool = False):
         self.cfg = cfg
         self.w = weights
         self.ops = ops            # attention, norms, rotary, SiLU-mul (torch references or Triton)
         self.lora = lora          # AdapterSlots: the LoRA weights resident for this step
+        # the projections' GEMMs on cuBLASLt algorithms timed per shape (``kernels/cublaslt.py``), tuned while
+        # ``tuning()`` is on: the decode graphs' warm-up runs
+        self.gemm = None
+        if tuned_gemms and weights.embed.is_cuda and weights.embed.dtype in (torch.float16, torch.bfloat16):
+            from kernels.cublaslt import LtGemm
+            self.gemm = LtGemm(weights.embed.device)
         self.fused_lora_tokens = self.tail_positions = 0
         if fused_lora_tokens:
             from kernels import fused_lora, fused_lora_dense          # Triton: imported only where it runs
@@ -88,22 +97,22 @@ class LlamaModel:
         layers, eps = self.w.layers, cfg.rms_norm_eps
         h, residual = ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
         for i, layer in enumerate(layers):
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = self._linear(h, layer.qkv, layer.qkv_bias, peers=lambda: [w.qkv for w in layers])
             if lora:
                 lora.apply(h, qkv, i, "qkv", s.lora)
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q, k = ops.rotary(q.view(t, cfg.num_heads, cfg.head_dim), k.view(t, cfg.num_kv_heads, cfg.head_dim),
                               self.cos, self.sin, s.positions)
             attn = self._attend(q, k, v, kv_caches[i], s)
-            o = F.linear(attn, layer.o)
+            o = self._linear(attn, layer.o, peers=lambda: [w.o for w in layers])
             if lora:
                 lora.apply(attn, o, i, "o", s.lora)
             h, residual = ops.add_rms_norm(o, residual, layer.post_norm, eps)
-            gu = F.linear(h, layer.gate_up)
+            gu = self._linear(h, layer.gate_up, peers=lambda: [w.gate_up for w in layers])
             if lora:
                 lora.apply(h, gu, i, "gate_up", s.lora)
             act = ops.silu_mul(gu)
-            d = F.linear(act, layer.down)
+            d = self._linear(act, layer.down, peers=lambda: [w.down for w in layers])
             if lora:
                 lora.apply(act, d, i, "down", s.lora)
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
@@ -200,13 +209,14 @@ class LlamaModel:
         h, residual = self.ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
         for i, layer in enumerate(layers):
             fam = fams[i]
-            qkv, h_qkv = qkv_t.split(F.linear(h, *qkv_t.weight(i, k)), k)
+            qkv, h_qkv = qkv_t.split(self._linear(h, *qkv_t.weight(i, k), peers=self._peers(qkv_t, k)), k)
             fl.rotary_lora_(qkv, h_qkv, fam["qkv"], self.cos, self.sin, s.positions, meta, cfg.num_heads,
                             cfg.num_kv_heads, pos)
             q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            o, h_o = o_t.split(F.linear(self._attend(q, kk, v, kv_caches[i], s), o_t.weight(i, k)[0]), k)
+            attn = self._attend(q, kk, v, kv_caches[i], s)
+            o, h_o = o_t.split(self._linear(attn, *o_t.weight(i, k), peers=self._peers(o_t, k)), k)
             h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"], pos)
-            gu, h_gu = gu_t.split(F.linear(h, gu_t.weight(i, k)[0]), k)
+            gu, h_gu = gu_t.split(self._linear(h, *gu_t.weight(i, k), peers=self._peers(gu_t, k)), k)
             down_fam = None if down_t else fam["down"]
             if dense:
                 act, h_down = self.dense.silu_mul_lora_dense(gu, meta, h_gu, fam["gate_up"], down_fam, pos,
@@ -214,12 +224,35 @@ class LlamaModel:
             else:
                 act, h_down = fl.silu_mul_lora(gu, meta, h_gu, fam["gate_up"], down_fam, pos)
             if down_t:
-                d, h_down = down_t.split(F.linear(act, down_t.weight(i, k, down_pad)[0]), k)
+                d, h_down = down_t.split(self._linear(act, *down_t.weight(i, k, down_pad),
+                                                      peers=self._peers(down_t, k, down_pad)), k)
             else:
-                d = F.linear(act, layer.down)
+                d = self._linear(act, layer.down, peers=lambda: [w.down for w in layers])
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
             h, residual = fl.norm_lora(d, residual, next_norm, eps, meta, h_down, fam["down"], pos)
         return h
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, peers=None) -> torch.Tensor:
+        """F.linear(x, w, bias), on the cuBLASLt algorithm tuned for its shape where there is one (``gemm``);
+        ``peers()``: the same projection's weight in every layer, to time a new shape on while tuning."""
+        if self.gemm is None or bias is not None:
+            return F.linear(x, w, bias)
+        return self.gemm.linear(x, w, peers)
+
+    def _peers(self, tails, positions: int, pad: int | None = None):
+        return lambda: [tails.weight(j, positions, pad)[0] for j in range(len(self.w.layers))]
+
+    @contextmanager
+    def tuning(self):
+        """Within: the GEMMs time cuBLASLt's candidates for each shape they have not met (eager calls only)."""
+        if self.gemm is None:
+            yield
+            return
+        self.gemm.tuning = True
+        try:
+            yield
+        finally:
+            self.gemm.tuning = False
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], s: StepInputs) -> torch.Tensor:
