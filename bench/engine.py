@@ -234,6 +234,8 @@ def main() -> None:
                     help="rounds of every workload per batch, each between base-only runs; results are medians "
                          "(default 5, smoke 1)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks that the bench runs")
+    ap.add_argument("--untuned-gemms", action="store_true",
+                    help="the GEMMs on F.linear's own algorithms (EngineConfig.tuned_gemms=False), for an A/B")
     args = ap.parse_args()
     if args.rounds is None:
         args.rounds = 1 if args.smoke else 5
@@ -254,6 +256,7 @@ def main() -> None:
         engine = Engine(d, random_init=True, device=device, dtype=dtype, max_loras=max_batch,
                         max_lora_rank=RANK, max_num_seqs=max_batch, max_num_batched_tokens=8192,
                         max_model_len=max_len, num_blocks=max_batch * (-(-max_len // 16)) + 64,
+                        tuned_gemms=not args.untuned_gemms,
                         **({} if args.fused_lora_tokens is None else {"fused_lora_tokens": args.fused_lora_tokens}))
         fused_lora_tokens = engine.model.fused_lora_tokens
         print(f"engine up in {time.perf_counter() - t0:.1f} s (weights {engine.model.w.nbytes() / 1e9:.2f} GB, "
@@ -286,7 +289,7 @@ def main() -> None:
         return
     path = write_result("engine", rows, args.out, copy_TBps=round(copy, 3), model="llama-3-8b-shaped (random)",
                         dtype="bfloat16", prompt_len=args.prompt_len, new_tokens=args.new_tokens, rank=RANK,
-                        fused_lora_tokens=fused_lora_tokens, rounds=args.rounds)
+                        fused_lora_tokens=fused_lora_tokens, rounds=args.rounds, tuned_gemms=not args.untuned_gemms)
     print(table(rows, ["system", "workload", "batch", "distinct", "decode_tok_per_s", "tok_per_s", "step_ms_p50",
                        "ttft_ms_p50", "lora_overhead_pct", "byte_floor_overhead_pct"]))
     print(f"wrote {path}")

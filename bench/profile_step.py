@@ -112,13 +112,15 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="+", default=["base", "identical", "distinct"],
                     help="base and any of bench/engine.py's workloads (identical, uniform, skewed, distinct)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--untuned-gemms", action="store_true", help="the GEMMs on F.linear's own algorithms")
     args = ap.parse_args()
     b, ctx = args.batch, args.context
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(LLAMA3_8B))
         engine = Engine(d, random_init=True, device="cuda", dtype=torch.bfloat16, max_loras=b, max_lora_rank=RANK,
                         max_num_seqs=b, max_num_batched_tokens=4096, max_model_len=1024,
-                        num_blocks=b * (-(-ctx // 16) + 1) + 64, cuda_graphs=False)
+                        num_blocks=b * (-(-ctx // 16) + 1) + 64, cuda_graphs=False,
+                        tuned_gemms=not args.untuned_gemms)
         names = random_adapters(engine, b)
         for n in names:
             assert engine.slots.start_load(engine.adapters.entry(n).adapter)
@@ -136,6 +138,12 @@ def main() -> None:
             graphs = DecodeGraphs(engine.model, engine.kv, engine.buffers, b)
             graphs.buckets = [b]
             graphs.capture()
+            gemm = engine.model.gemm
+            for shape, times in (gemm.timings.items() if gemm else []):
+                pick = min(range(len(times)), key=lambda i: times[i][1])
+                print(f"GEMM [{shape.m}, {shape.k}] x [{shape.n}, {shape.k}]: F.linear {times[0][1]:.2f} us, picked "
+                      f"#{pick} {times[pick][1]:.2f}; candidates " + " ".join(f"{t:.1f}" for _, t in times[1:]),
+                      flush=True)
             for w, token_slots in workloads.items():
                 run_args = ([1] * b, [ctx - 1] * b, mapping, tables, [ctx] * b, token_slots)
                 ms = replay_ms(graphs, run_args)
@@ -157,7 +165,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         if args.out:
             print("wrote", write_result("profile-step", rows, args.out, model="llama-3-8b-shaped (random)",
-                                        dtype="bfloat16", rank=RANK))
+                                        dtype="bfloat16", rank=RANK, tuned_gemms=not args.untuned_gemms))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""The step's GEMMs, with and without the fused-LoRA path's extra rows, by cuBLASLt algorithm: does one of
+the heuristic's ranked candidates keep the base shape's speed where its first pick does not?
+
+For each shape: F.linear (what the step calls) and each of ``LtGemm``'s candidates, us a call, timed as
+a CUDA graph of one call per layer over 16 layers' own weights (so every weight streams from DRAM), with
+the kernel each ran. Llama-3-8B shapes, bf16; rows under a weight as the engine pads them
+(``worker.model.llama.TAIL_PAD``; rank 16: qkv 48 rows a position, o 16, gate_up 32, down 16).
+
+    python bench/tune_lt_gemm.py [--tokens 32] [--kernels]     (results: bench/results/2026-11-24-h100-lt-gemm*.txt)
+"""
+import argparse
+import sys
+from pathlib import Path
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
+from kernels.cublaslt import LtGemm, _graph_nodes, _Plan, shape_of
+
+dev, dt, H, I, LAYERS = "cuda", torch.bfloat16, 4096, 14336, 16
+
+
+def kernel_of(fn) -> str:
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
+    return ", ".join(n[:44] for n in names if "Memcpy" not in n)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[32, 64, 256])
+    ap.add_argument("--kernels", action="store_true", help="every candidate's kernels and graph nodes")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; us a call; "
+          "F.linear, then the best candidate and its rank in the heuristic's list, then all candidates")
+    # (name, tokens, rows, input width, extra rows)
+    shapes = [("gate_up", 32, 2 * I, H, (0, 128, 256, 384, 512, 1024)), ("qkv", 32, 6144, H, (0, 64, 192, 576, 768)),
+              ("o", 32, H, H, (0, 64, 192, 512)), ("down", 32, H, I, (0, 128, 256)),
+              ("gate_up", 64, 2 * I, H, (0, 128, 512)),
+              ("gate_up", 256, 2 * I, H, (0, 1536, 2048)), ("qkv", 256, 6144, H, (0, 2304, 3072)),
+              ("o", 256, H, H, (0, 768, 1024)), ("down", 256, H, I, (0, 768, 1024))]
+    gemm = LtGemm(dev, candidates=16, tune_layers=LAYERS, reps=20)
+    for name, t, n, k, extras in [s for s in shapes if s[1] in args.tokens]:
+        x = torch.randn(t, k, device=dev).to(dt)
+        for e in extras:
+            ws = [torch.randn(n + e, k, device=dev).to(dt) / k ** 0.5 for _ in range(LAYERS)]
+            times = gemm.tune(x, ws)
+            out = torch.empty(t, n + e, device=dev, dtype=dt)
+            shape = shape_of(x, ws[0], out)
+            plan: _Plan = gemm.plans[shape]
+            base = times[0][1]
+            i_best = min(range(len(times)), key=lambda i: times[i][1])
+            best_algo, best = times[i_best]
+            k_base = kernel_of(lambda: torch.nn.functional.linear(x, ws[0]))
+            k_best = k_base if best_algo is None else kernel_of(lambda: gemm.run(x, ws[0], out, plan, best_algo))
+            k_first = kernel_of(lambda: gemm.run(x, ws[0], out, plan, times[1][0])) if len(times) > 1 else "-"
+            gbs = (n + e) * k * 2 / (best * 1e-6) / 1e9
+            first = times[1][1] if len(times) > 1 else float("nan")
+            print(f"{name:7s} T{t:<3d} +{e:4d}  F.linear {base:7.2f}  best {best:7.2f} (#{i_best})  "
+                  f"{gbs:5.0f} GB/s  gain {base - best:6.2f}  | {k_base} | first: {first:7.2f} "
+                  f"{k_first} | best: {k_best}", flush=True)
+            print("    all: " + " ".join(f"{us:.1f}" for _, us in times), flush=True)
+            if args.kernels:
+                for i, (algo, us) in enumerate(times[1:], 1):
+                    run = lambda a=algo: gemm.run(x, ws[0], out, plan, a)  # noqa: E731
+                    print(f"    #{i} {us:7.2f} nodes {_graph_nodes(run)} {kernel_of(run)}", flush=True)
+            del ws
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
