@@ -201,6 +201,9 @@ class LtGemm:
         shape = shape_of(x, ws[0], out)
         if shape in self.timings or not all(usable(x, w, out) and shape_of(x, w, out) == shape for w in ws):
             return self.timings.get(shape, [])
+        # timed on random inputs, not the caller's: a capture's warm-up step repeats one token in every row, and
+        # such inputs ranked gate_up's candidates differently from decoding (bench/NOTES-kernels.md v17)
+        x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).normal_()
         plan = self.plans[shape] = _Plan(shape)
         ref = F.linear(x, ws[0])
         cands = [None] + [h.algo for h in plan.algos(self.candidates, WORKSPACE)]
