@@ -4,12 +4,13 @@ Why: cuBLAS's heuristic moves the gate_up GEMM of a decode step off its fast ker
 path puts A rows under the weight (batch 32, Llama-3-8B: 85 us a call on a 128x32 tile at the base
 shape, 92 us on a 256x32 tile with 128 extra rows, though the rows add 0.5% of the bytes;
 bench/NOTES-kernels.md v7, v17). The heuristic returns a ranked list of algorithms; ``LtGemm.tune``
-times each on the real operands and keeps the fastest, as PyTorch's TunableOp does on ROCm.
+times each over the layers' own weights and keeps the fastest, as PyTorch's TunableOp does on ROCm.
 
 cuBLASLt is reached through ctypes (the library torch itself loads), so nothing is built. The
 call is capturable in a CUDA graph: the workspace is preallocated and the algorithm fixed.
 
-    y = LtGemm(...); y.tune(x, w); y(x, w) == F.linear(x, w)     (bf16/fp16 in, fp32 accumulation)
+    g = LtGemm(); g.tune(x, [w, ...]); g.linear(x, w) == F.linear(x, w)   (bf16/fp16, fp32 accumulation;
+                                                                           equal up to summation order)
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ class _Lt:
             "cublasLtMatrixLayoutCreate": [ctypes.POINTER(p), i, u64, u64, i64],
             "cublasLtMatmulPreferenceCreate": [ctypes.POINTER(p)],
             "cublasLtMatmulPreferenceSetAttribute": [p, i, p, sz],
+            "cublasLtMatmulPreferenceDestroy": [p],
             "cublasLtMatmulAlgoGetHeuristic": [p, p, p, p, p, p, p, i, ctypes.POINTER(_Heuristic), ctypes.POINTER(i)],
             "cublasLtMatmul": [p, p, p, p, p, p, p, p, p, p, p, p, ctypes.POINTER(_Algo), p, sz, p],
         }.items():
@@ -142,8 +144,11 @@ class _Plan:
         lt.check(lt.lib.cublasLtMatmulPreferenceSetAttribute(pref, _PREF_MAX_WORKSPACE, ctypes.byref(ws), 8),
                  "set workspace")
         res, got = (_Heuristic * count)(), ctypes.c_int()
-        lt.check(lt.lib.cublasLtMatmulAlgoGetHeuristic(lt.handle, self.desc, self.a, self.b, self.d, self.d, pref,
-                                                       count, res, ctypes.byref(got)), "heuristic")
+        try:
+            lt.check(lt.lib.cublasLtMatmulAlgoGetHeuristic(lt.handle, self.desc, self.a, self.b, self.d, self.d,
+                                                           pref, count, res, ctypes.byref(got)), "heuristic")
+        finally:
+            lt.lib.cublasLtMatmulPreferenceDestroy(pref)
         return [res[i] for i in range(got.value) if res[i].state == 0 and res[i].workspace <= workspace]
 
 
@@ -203,7 +208,8 @@ class LtGemm:
             return self.timings.get(shape, [])
         # timed on random inputs, not the caller's: a capture's warm-up step repeats one token in every row, and
         # such inputs ranked gate_up's candidates differently from decoding (bench/NOTES-kernels.md v17)
-        x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).normal_()
+        gen = torch.Generator(device=x.device).manual_seed(0)        # leaves the global CUDA generator alone
+        x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).normal_(generator=gen)
         plan = self.plans[shape] = _Plan(shape)
         ref = F.linear(x, ws[0])
         cands = [None] + [h.algo for h in plan.algos(self.candidates, WORKSPACE)]
