@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fused_lora import (_block_m, _block_r, _position, _row_slots, _shrink_rows, _silu_load, _silu_mul,
-                                _silu_store, check_silu_args)
+from kernels.fused_lora import (MANY_TOKENS, _block_m, _block_r, _position, _row_slots, _shrink_rows, _silu_load,
+                                _silu_mul, _silu_store, check_silu_args)
 from kernels.lora_meta import LoRAMeta
 from kernels.mma import mma, native_dot
 
@@ -33,6 +33,10 @@ from kernels.mma import mma, native_dot
 DENSE_POSITIONS = 8
 DENSE_INNER = 128         # ... and at most this many (position, rank) rows of B a tile: measured at rank 16 only
 DENSE_SILU = {True: (32, 4), False: (128, 8)}      # (columns a program, warps) for one position, and several
+# past MANY_TOKENS tokens only one-adapter steps take it, on wider tiles (256 tokens on the H100, 16 rows a program:
+# 14.3 us a call at 128 columns and 4 warps, 18.9 at 32 and 4, against 18.6 for the blocks grid; v17)
+DENSE_POSITIONS_MANY = 1
+DENSE_SILU_MANY = (128, 4)
 DENSE_ROWS = 16           # rows a program takes at most (one adapter at 32 tokens: 5.3 us a call, 5.9 with 32 rows)
 # shared memory a program's two products may stage, h and B tiles of gate and up (Triton stages both operands:
 # 2 x (inner x columns + rows x inner) elements; 256 KB at float32, rank 64, 5 positions ran out on the H100)
@@ -41,8 +45,8 @@ SHARED_BUDGET = 96 * 1024
 
 def takes(positions: int, max_rank: int, tokens: int, dtype: torch.dtype) -> bool:
     """Whether a step of ``tokens`` tokens whose h holds ``positions`` tail positions takes the dense expand."""
-    return positions <= DENSE_POSITIONS and _inner(positions, max_rank) <= DENSE_INNER and \
-        fits(positions, max_rank, tokens, dtype)
+    most = DENSE_POSITIONS if tokens <= MANY_TOKENS else DENSE_POSITIONS_MANY
+    return positions <= most and _inner(positions, max_rank) <= DENSE_INNER and fits(positions, max_rank, tokens, dtype)
 
 
 def fits(positions: int, max_rank: int, tokens: int, dtype: torch.dtype) -> bool:
@@ -148,11 +152,12 @@ def silu_mul_lora_dense(gate_up: torch.Tensor, meta: LoRAMeta, h_gate_up: torch.
     rp = triton.next_power_of_2(r)
     inner = _inner(k, r)
     block_m = block_m or _rows(t)
-    block_n = block_n or _columns(inner, block_m, gate_up.element_size(), DENSE_SILU[k == 1][0])
+    config = DENSE_SILU_MANY if t > MANY_TOKENS else DENSE_SILU[k == 1]
+    block_n = block_n or _columns(inner, block_m, gate_up.element_size(), config[0])
     if block_n is None:
         raise ValueError(f"the dense expand over {k} positions of rank {r} is too large for shared memory in "
                          f"{gate_up.dtype}: use fused_lora.silu_mul_lora")
-    num_warps = num_warps or DENSE_SILU[k == 1][1]
+    num_warps = num_warps or config[1]
     tiles = triton.cdiv(n, block_n)
     a_fam = down_fam if shrink else gate_up_fam        # (without the shrink: pointers nothing reads)
     block_r = max(16, _block_r(a_fam))

@@ -217,6 +217,26 @@ def test_silu_mul_lora_dense(seed, rel_err, adapters, dtype, hidden, hq, hk, d, 
         b_tails.rows(0, SLOTS + 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_lora_dense_past_many_tokens(seed, rel_err, dtype):
+    """Past MANY_TOKENS one-adapter steps keep the dense expand, on its wider tiles (row blocks with a masked
+    tail, rows without LoRA); steps of two positions there do not take it."""
+    from kernels.fused_lora import MANY_TOKENS
+    from kernels.fused_lora_dense import takes
+    hidden, inter, max_rank, t = 64, 200, RANKS[0], MANY_TOKENS + 7
+    mix, meta, tail_pos, tail_pos_dev = token_mix(t, 1)
+    assert takes(1, max_rank, t, dtype) and not takes(2, max_rank, t, dtype) and takes(2, max_rank, MANY_TOKENS, dtype)
+    f_gu = family(hidden, [inter, inter], ranks_for(2, max_rank), max_rank, dtype)
+    gu, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_gu, mix, tail_pos, 2 * inter)
+    b_tails = ExpandTails(1, SLOTS, max_rank, 2 * inter, dtype, DEV)
+    b_tails.b[0].normal_()
+    for slot in range(SLOTS):
+        b_tails.rows(0, tail_pos[slot]).copy_(f_gu.lora_b[slot].nan_to_num(1e3))
+    ref_act, _ = silu_mul_lora_ref(gu.clone(), mix, expand=(ref_h, f_gu), tail_pos=tail_pos)
+    act, none = silu_mul_lora_dense(gu, meta, h[:, :, :SLOTS], f_gu, None, tail_pos_dev, b_tails.b[0])
+    assert none is None and rel_err(act, ref_act) <= TOL[dtype] * 2
+
+
 @pytest.mark.parametrize("adapters", ADAPTERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grid", [None, "segments", "blocks"])

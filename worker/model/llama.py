@@ -204,8 +204,7 @@ class LlamaModel:
         k = self.tail_bucket(meta.num_segments, t)
         down_t = self.tails["down"] if self.down_in_gemm(t, k) else None
         down_pad = DOWN_PAD_FEW_TOKENS if t <= fl.MANY_TOKENS else None
-        dense = t <= fl.MANY_TOKENS and k <= self.b_tails.positions and \
-            self.dense.takes(k, self.lora.max_rank, t, self.w.embed.dtype)
+        dense = k <= self.b_tails.positions and self.dense.takes(k, self.lora.max_rank, t, self.w.embed.dtype)
         h, residual = self.ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
         for i, layer in enumerate(layers):
             fam = fams[i]
