@@ -39,7 +39,8 @@ gathering its own adapter's B rank by rank. Steps of more than ``MANY_TOKENS`` t
 (a batch of 256 decodes) walk the step's segment blocks (``LoRAMeta``: 16 sorted rows of
 one adapter, or of rows without LoRA): a program per segment would load every row of the
 step, and per-row gathers multiply rank by rank on CUDA cores. (The engine gives SiLU-mul's expand of a step of
-at most 8 adapters to ``kernels/fused_lora_dense.py`` instead: one product against B rows staged per position.)
+at most 8 adapters, or past MANY_TOKENS of one, to ``kernels/fused_lora_dense.py`` instead: one product against
+B rows staged per position.)
 
 Semantics (``kernels/fused_lora_torch.py``) are those of the unfused path: the
 expanded projection output is rounded to the model dtype before the op that
