@@ -101,26 +101,25 @@ def _lt() -> _Lt:
 
 @dataclass(frozen=True)
 class Shape:
-    """x [m, k] (row stride ldx) @ w[:n].T (row stride ldw) -> out [m, n] (row stride ldo)."""
+    """x [m, k] (row stride ldx) @ w[:n].T (row stride ldw) -> out [m, n], a new contiguous tensor."""
     m: int
     n: int
     k: int
     ldx: int
     ldw: int
-    ldo: int
     dtype: torch.dtype
 
 
-def shape_of(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> Shape:
-    return Shape(x.shape[0], w.shape[0], x.shape[1], x.stride(0), w.stride(0), out.stride(0), x.dtype)
+def shape_of(x: torch.Tensor, w: torch.Tensor) -> Shape:
+    return Shape(x.shape[0], w.shape[0], x.shape[1], x.stride(0), w.stride(0), x.dtype)
 
 
-def usable(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> bool:
-    """Whether ``x @ w.T`` fits this path: 2-d, half precision on CUDA, rows contiguous and aligned."""
-    ts = (x, w) if out is None else (x, w, out)
-    return (all(t.is_cuda and t.dim() == 2 and t.stride(1) == 1 and t.dtype == x.dtype for t in ts)
+def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``x @ w.T`` fits this path: 2-d, half precision on CUDA, rows contiguous and aligned (the output
+    is allocated here: torch's allocations are aligned)."""
+    return (all(t.is_cuda and t.dim() == 2 and t.stride(1) == 1 and t.dtype == x.dtype for t in (x, w))
             and x.dtype in _CUDA_TYPE and x.shape[1] == w.shape[1]
-            and all(t.data_ptr() % ALIGN == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in ts))
+            and all(t.data_ptr() % ALIGN == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, w)))
 
 
 class _Plan:
@@ -134,7 +133,7 @@ class _Plan:
             lt.check(lt.lib.cublasLtMatmulDescSetAttribute(self.desc, attr, ctypes.byref(v), 4), "set trans")
         self.a = lt.new(lt.lib.cublasLtMatrixLayoutCreate, dt, s.k, s.n, s.ldw)
         self.b = lt.new(lt.lib.cublasLtMatrixLayoutCreate, dt, s.k, s.m, s.ldx)
-        self.d = lt.new(lt.lib.cublasLtMatrixLayoutCreate, dt, s.n, s.m, s.ldo)
+        self.d = lt.new(lt.lib.cublasLtMatrixLayoutCreate, dt, s.n, s.m, s.n)
 
     def algos(self, count: int, workspace: int) -> list[_Heuristic]:
         """The heuristic's ranked algorithms (at most ``count``) that fit ``workspace`` bytes."""
@@ -185,16 +184,15 @@ class LtGemm:
     def linear(self, x: torch.Tensor, w: torch.Tensor, peers=None) -> torch.Tensor:
         """F.linear(x, w); while ``tuning`` (and not capturing), an untuned shape is tuned first over
         ``peers()``: weights of w's shape to time on (every layer's), or w alone."""
-        if not (self.tuning or self.chosen):
+        if not (self.tuning or self.chosen) or not usable(x, w):
             return F.linear(x, w)
-        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-        if not usable(x, w, out):
-            return F.linear(x, w)
-        shape = shape_of(x, w, out)
+        shape = shape_of(x, w)
         if shape not in self.chosen and self.tuning and not torch.cuda.is_current_stream_capturing():
             self.tune(x, peers() if peers is not None else [w])
         pick = self.chosen.get(shape)
-        return F.linear(x, w) if pick is None else self.run(x, w, out, self.plans[shape], pick)
+        if pick is None:
+            return F.linear(x, w)
+        return self.run(x, w, torch.empty(shape.m, shape.n, dtype=x.dtype, device=x.device), self.plans[shape], pick)
 
     def tune(self, x: torch.Tensor, ws: list[torch.Tensor]) -> list[tuple[_Algo | None, float]]:
         """Time F.linear and each candidate over ``ws`` (weights of one shape, e.g. every layer's, so
@@ -202,10 +200,10 @@ class LtGemm:
         one-kernel candidate whose result matches F.linear's. Returns (algorithm, us a call) for each
         (None: F.linear; inf: failed, wrong, or more than one kernel)."""
         ws = ws[: self.tune_layers]
-        out = torch.empty(x.shape[0], ws[0].shape[0], dtype=x.dtype, device=x.device)
-        shape = shape_of(x, ws[0], out)
-        if shape in self.timings or not all(usable(x, w, out) and shape_of(x, w, out) == shape for w in ws):
+        shape = shape_of(x, ws[0])
+        if shape in self.timings or not all(usable(x, w) and shape_of(x, w) == shape for w in ws):
             return self.timings.get(shape, [])
+        out = torch.empty(shape.m, shape.n, dtype=x.dtype, device=x.device)
         # timed on random inputs, not the caller's: a capture's warm-up step repeats one token in every row, and
         # such inputs ranked gate_up's candidates differently from decoding (bench/NOTES-kernels.md v17)
         gen = torch.Generator(device=x.device).manual_seed(0)        # leaves the global CUDA generator alone
