@@ -64,6 +64,17 @@ def graphed(fn):
     return g.replay
 
 
+def kernel_names(fn, width: int = 48) -> str:
+    """The CUDA kernels and memsets of one call of fn (after a warm-up call), names cut to ``width``."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    return ", ".join(sorted(n[:width] for n in names if "Memcpy" not in n))
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (TB/s)."""
     n = 1 << 30

@@ -13,19 +13,10 @@ import sys
 from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
+from bench.kernels import kernel_names
 from kernels.cublaslt import LtGemm, _graph_nodes, _Plan, shape_of
 
 dev, dt, H, I, LAYERS = "cuda", torch.bfloat16, 4096, 14336, 16
-
-
-def kernel_of(fn) -> str:
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
-    return ", ".join(n[:44] for n in names if "Memcpy" not in n)
 
 
 def main():
@@ -54,9 +45,10 @@ def main():
             base = times[0][1]
             i_best = min(range(len(times)), key=lambda i: times[i][1])
             best_algo, best = times[i_best]
-            k_base = kernel_of(lambda: torch.nn.functional.linear(x, ws[0]))
-            k_best = k_base if best_algo is None else kernel_of(lambda: gemm.run(x, ws[0], out, plan, best_algo))
-            k_first = kernel_of(lambda: gemm.run(x, ws[0], out, plan, times[1][0])) if len(times) > 1 else "-"
+            k_base = kernel_names(lambda: torch.nn.functional.linear(x, ws[0]), 44)
+            k_best = k_base if best_algo is None else \
+                kernel_names(lambda: gemm.run(x, ws[0], out, plan, best_algo), 44)
+            k_first = kernel_names(lambda: gemm.run(x, ws[0], out, plan, times[1][0]), 44) if len(times) > 1 else "-"
             gbs = (n + e) * k * 2 / (best * 1e-6) / 1e9
             first = times[1][1] if len(times) > 1 else float("nan")
             print(f"{name:7s} T{t:<3d} +{e:4d}  F.linear {base:7.2f}  best {best:7.2f} (#{i_best})  "
@@ -66,7 +58,7 @@ def main():
             if args.kernels:
                 for i, (algo, us) in enumerate(times[1:], 1):
                     run = lambda a=algo: gemm.run(x, ws[0], out, plan, a)  # noqa: E731
-                    print(f"    #{i} {us:7.2f} nodes {_graph_nodes(run)} {kernel_of(run)}", flush=True)
+                    print(f"    #{i} {us:7.2f} nodes {_graph_nodes(run)} {kernel_names(run, 44)}", flush=True)
             del ws
             torch.cuda.empty_cache()
 

@@ -15,18 +15,10 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 import torch.nn.functional as F
-from bench.kernels import graphed, median_us
+from bench.kernels import graphed, kernel_names, median_us
 
 dev, dt, T, H, I, LAYERS = "cuda", torch.bfloat16, 32, 4096, 14336, 16
 torch.manual_seed(0)
-
-
-def kernels_of(replay) -> str:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        replay()
-        torch.cuda.synchronize()
-    names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
-    return ", ".join(sorted(n[:48] for n in names if "Memcpy" not in n))
 
 
 def variants(x, ws, n):
@@ -66,7 +58,7 @@ def main():
                 replay = graphed(fn)
                 t1, t2 = (median_us(replay) / LAYERS for _ in range(2))
                 gbs = (n + e) * k_in * 2 / (min(t1, t2) * 1e-6) / 1e9
-                print(f"{name:8s} +{e:5d} {label:6s} {t1:7.2f} {t2:7.2f} us  {gbs:6.0f} GB/s  {kernels_of(replay)}",
+                print(f"{name:8s} +{e:5d} {label:6s} {t1:7.2f} {t2:7.2f} us  {gbs:6.0f} GB/s  {kernel_names(replay)}",
                       flush=True)
             del ws
             torch.cuda.empty_cache()
