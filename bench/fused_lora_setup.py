@@ -42,6 +42,20 @@ def step_shape(name, t, slots=SLOTS):
     return drawn, n, k, not (t > DOWN_SHRINK_IN_SILU_TOKENS or k <= DOWN_GEMM_MAX_POSITIONS)
 
 
+def workload_step(name, t, slots=SLOTS):
+    """``step_shape`` of workload ``name``, announced in a header line: (slots drawn, tail bucket, whether SiLU-mul
+    shrinks down, h of the gate_up GEMM, h of the qkv GEMM)."""
+    drawn, n, k, shrink = step_shape(name, t, slots)
+    print(f"\n== {name}: {n} adapters, bucket {k}, down's shrink in {'SiLU-mul' if shrink else 'its GEMM'}")
+    return drawn, k, shrink, gemm_h(2 * I, 2, k, t), gemm_h(6144, 3, k, t)
+
+
+def layer_activations(t):
+    """A t-token step's gate_up and qkv GEMM outputs, one per layer, and its positions."""
+    return ([torch.randn(t, 2 * I, device=dev).to(dt) for _ in range(LAYERS)],
+            [torch.randn(t, 6144, device=dev).to(dt) for _ in range(LAYERS)], torch.arange(t, device=dev))
+
+
 def rotary_plain(qkv, cos, sin, pos):
     """The plain rotary on a Llama-3-8B qkv output [t, 6144] (32 q heads, 8 k heads of 128)."""
     t = qkv.shape[0]

@@ -17,7 +17,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
 from kernels.lora_meta import LoRAMeta
-from bench.fused_lora_setup import H, I, LAYERS, R, dev, dt, fam as setup_fam, per_call, rotary_plain, workload_slots
+from bench.fused_lora_setup import (H, I, LAYERS, R, dev, dt, fam as setup_fam, layer_activations, per_call,
+                                    rotary_plain, workload_slots)
 
 SLOTS = 65                                               # 64 tail positions
 
@@ -47,9 +48,7 @@ def main():
     for t in args.tokens:
         x = [torch.randn(t, H, device=dev).to(dt) for _ in range(LAYERS)]
         res = torch.randn(t, H, device=dev).to(dt)
-        gu = [torch.randn(t, 2 * I, device=dev).to(dt) for _ in range(LAYERS)]
-        qkv = [torch.randn(t, 6144, device=dev).to(dt) for _ in range(LAYERS)]
-        pos = torch.arange(t, device=dev)
+        gu, qkv, pos = layer_activations(t)
         print(f"\n#### {t} tokens")
         print(f"add_rms_norm {per_call(lambda i: fused.add_rms_norm(x[i], res, w, 1e-5)):6.2f} us")
         print(f"silu_mul     {per_call(lambda i: fused.silu_mul(gu[i])):6.2f} us")

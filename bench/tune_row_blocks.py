@@ -18,8 +18,8 @@ import triton
 from kernels import fused, fused_lora as fl
 from kernels.fused_lora_dense import DENSE_POSITIONS, ExpandTails, silu_mul_lora_dense
 from kernels.lora_meta import LoRAMeta
-from bench.fused_lora_setup import (H, I, LAYERS, R, dev, dt, fam as setup_fam, gemm_h, per_call, rotary_plain,
-                                    step_shape)
+from bench.fused_lora_setup import (H, I, LAYERS, R, dev, dt, fam as setup_fam, layer_activations, per_call,
+                                    rotary_plain, workload_step)
 
 SLOTS = 65
 
@@ -39,9 +39,7 @@ def main():
     f_gu = [setup_fam(H, [I, I], SLOTS) for _ in range(LAYERS)]
     f_qkv = [setup_fam(H, [4096, 1024, 1024], SLOTS) for _ in range(LAYERS)]
     cos = torch.randn(4096, 128, device=dev).to(dt)
-    gu = [torch.randn(t, 2 * I, device=dev).to(dt) for _ in range(LAYERS)]
-    qkv = [torch.randn(t, 6144, device=dev).to(dt) for _ in range(LAYERS)]
-    pos = torch.arange(t, device=dev)
+    gu, qkv, pos = layer_activations(t)
     b_tails = ExpandTails(LAYERS, DENSE_POSITIONS, R, 2 * I, dt, dev)
     for b in b_tails.b:
         b.normal_(0, 0.02)
@@ -49,9 +47,7 @@ def main():
     print(f"silu_mul (plain): {per_call(lambda i: fused.silu_mul(gu[i])):6.2f} us")
     print(f"rotary (plain):   {per_call(lambda i: rotary_plain(qkv[i], cos, cos, pos)):6.2f} us")
     for name in args.workloads:
-        drawn, n, k, shrink = step_shape(name, t, SLOTS)
-        print(f"\n== {name}: {n} adapters, bucket {k}, down's shrink in {'SiLU-mul' if shrink else 'its GEMM'}")
-        h_gu, h_qkv = gemm_h(2 * I, 2, k, t), gemm_h(6144, 3, k, t)
+        drawn, k, shrink, h_gu, h_qkv = workload_step(name, t, SLOTS)
         meta = LoRAMeta.allocate(t, SLOTS, dev).fill(drawn)
         down = f_d if shrink else [None] * LAYERS
         silu_grid, _, _ = fl._grid(meta, h_gu, t, "silu", None)

@@ -19,8 +19,8 @@ import triton
 from kernels import fused, fused_lora as fl
 from kernels.fused_lora_dense import ExpandTails, silu_mul_lora_dense
 from kernels.lora_meta import SEG_BLOCK, LoRAMeta
-from bench.fused_lora_setup import (H, I, LAYERS, R, dev, dt, fam as setup_fam, gemm_h, per_call, rotary_plain,
-                                    step_shape)
+from bench.fused_lora_setup import (H, I, LAYERS, R, dev, dt, fam as setup_fam, layer_activations, per_call,
+                                    rotary_plain, workload_step)
 
 SLOTS = 65
 _grid = fl._grid
@@ -53,16 +53,12 @@ def main():
         b.normal_(0, 0.02)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     for t in args.tokens:
-        gu = [torch.randn(t, 2 * I, device=dev).to(dt) for _ in range(LAYERS)]
-        qkv = [torch.randn(t, 6144, device=dev).to(dt) for _ in range(LAYERS)]
-        pos = torch.arange(t, device=dev)
+        gu, qkv, pos = layer_activations(t)
         print(f"\n#### {t} tokens")
         print(f"silu_mul (plain): {per_call(lambda i: fused.silu_mul(gu[i])):6.2f} us")
         print(f"rotary (plain):   {per_call(lambda i: rotary_plain(qkv[i], cos, cos, pos)):6.2f} us")
         for name in args.workloads:
-            drawn, n, k, shrink = step_shape(name, t, SLOTS)
-            print(f"\n== {name}: {n} adapters, bucket {k}, down's shrink in {'SiLU-mul' if shrink else 'its GEMM'}")
-            h_gu, h_qkv = gemm_h(2 * I, 2, k, t), gemm_h(6144, 3, k, t)
+            drawn, k, shrink, h_gu, h_qkv = workload_step(name, t, SLOTS)
             for order, slots in (("drawn", drawn), ("sorted", sorted(drawn))):
                 meta = LoRAMeta.allocate(t, SLOTS, dev).fill(slots)
                 for grid, wide in (("segments", False), ("rows", False), ("blocks", False), ("blocks", True)):
