@@ -67,7 +67,6 @@ ROW_BLOCK = 64            # rows a rotary or SiLU-mul program takes (program_id 
 NATIVE_EXPAND = True      # past MANY_TOKENS tokens, rotary's and SiLU-mul's expands in the model dtype (``_native_expand``)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tuned on the H100)
-NORM_ONE = (8, 8)       # the same for the one-adapter norm over several rows a program (``norm_rows``)
 # SiLU-mul (columns a program, warps) by (grid, whether it shrinks down); tuned on the H100 (bench/NOTES-kernels.md)
 SILU = {("segments", True): (64, 2), ("rows", True): (64, 4), ("blocks", True): (64, 2),
         ("segments", False): (64, 4), ("rows", False): (64, 4), ("blocks", False): (128, 4)}
@@ -241,52 +240,6 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_
         delta += tl.sum(hc[:, None] * b, axis=0)
     x = (x + delta).to(out_ptr.dtype.element_ty).to(tl.float32)
     rms_norm_loaded_row(x, res, w, row, cols, cm, out_ptr, s_ptr, stride_o, stride_s, n, eps, HAS_RES, True)
-
-
-@triton.jit
-def _norm_lora_one_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, seg_slot_ptr, pos_ptr, h_ptr, b_ptr, rank_ptr,
-                          scal_ptr, t, n, n_parts, n_pos, stride_x, stride_r, stride_o, stride_s, stride_hp, stride_ht,
-                          stride_hpos, stride_bs, stride_br, eps, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr,
-                          BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, P_P2: tl.constexpr, RC: tl.constexpr,
-                          ROWS: tl.constexpr):
-    """``_norm_lora_kernel`` for a step of one adapter, ROWS rows a program: each [RC, hidden] tile of the
-    adapter's B is read once for all of them (the row kernel reads the whole B once a row)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < t
-    rows = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    m2 = row_ok[:, None] & (cols < n)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    res = x
-    if HAS_RES:
-        res = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)
-    slot = tl.load(seg_slot_ptr)                                 # the step's adapter (-1: none)
-    use = tl.where(slot >= 0, tl.load(slot_ptr + rows, mask=row_ok, other=-1) == slot, False)
-    rank = tl.where(slot >= 0, tl.load(rank_ptr + tl.maximum(slot, 0)), 0)
-    slot = tl.maximum(slot, 0).to(tl.int64)
-    h_rows = h_ptr + rows * stride_ht
-    if HAS_POS:
-        p, use = _position(pos_ptr, slot, use, n_pos, False)
-        h_rows += p * stride_hpos
-    scaling = tl.load(scal_ptr + slot)
-    pp = tl.arange(0, P_P2)
-    delta = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-    for rc in tl.static_range(0, BLOCK_R, RC):
-        r = rc + tl.arange(0, RC)
-        hm = use[:, None, None] & (pp < n_parts)[None, :, None] & (r < rank)[None, None, :]
-        hc = tl.sum(tl.load(h_rows[:, None, None] + pp[None, :, None] * stride_hp + r[None, None, :], mask=hm,
-                            other=0.0).to(tl.float32), axis=1) * scaling
-        b = tl.load(b_ptr + slot * stride_bs + r[:, None] * stride_br + cols[None, :],
-                    mask=(r < rank)[:, None] & (cols < n)[None, :], other=0.0).to(tl.float32)
-        delta += tl.sum(hc[:, :, None] * b[None, :, :], axis=1)
-    dt = out_ptr.dtype.element_ty
-    x = (x + delta).to(dt).to(tl.float32)
-    if HAS_RES:                                  # as rms_norm_loaded_row, a row of it each
-        x = (x + res).to(dt).to(tl.float32)
-    tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], x.to(dt), mask=m2)
-    y = (x * tl.rsqrt(tl.sum(x * x, axis=1) / n + eps)[:, None]).to(dt).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], (w[None, :] * y).to(dt), mask=m2)
 
 
 @triton.jit
@@ -599,10 +552,9 @@ def _block_m(t: int) -> int:
 
 
 def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, meta: LoRAMeta,
-              h: torch.Tensor, fam, tail_pos: torch.Tensor | None = None, num_warps: int | None = None,
-              rank_chunk: int | None = None, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, s): s = x + expand + residual, out = w * rmsnorm(s); one program a row, or (``rows`` > 1, a step
-    of at most one adapter) ``rows`` rows a program sharing each B tile they read (``norm_rows``).
+              h: torch.Tensor, fam, tail_pos: torch.Tensor | None = None, num_warps: int = NORM[0],
+              rank_chunk: int = NORM[1]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, s): s = x + expand + residual, out = w * rmsnorm(s); one program a row.
 
     The expand: x[t] += scaling * sum_p h[p, t, pos(t), 0] @ B[slot(t)], ``fam`` a one-slice
     family, rounded to x's dtype before the residual is added (a norm without LoRA is
@@ -613,22 +565,8 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     _check_meta(meta, t)
     _check_family("expand", fam, None, n, 1)
     _check_h("expand", h, None, t, fam, tail_pos)
-    if rows not in (1, 2, 4):
-        raise ValueError(f"rows must be 1, 2 or 4, got {rows}")
-    if rows > 1 and meta.num_segments > 1:
-        raise ValueError(f"rows > 1 takes a step of one adapter; this one has {meta.num_segments}")
-    default = NORM if rows == 1 else NORM_ONE
-    num_warps, rank_chunk = num_warps or default[0], rank_chunk or default[1]
     out, s = torch.empty_like(x), torch.empty_like(x)
-    if t and rows > 1:
-        _norm_lora_one_kernel[(triton.cdiv(t, rows),)](
-            x, residual if residual is not None else x, weight, out, s, meta.token_slot, meta.seg_slot,
-            tail_pos if h.stride(2) else meta.token_slot, h, fam.lora_b, fam.ranks, fam.scalings, t, n, h.shape[0],
-            h.shape[2], x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), s.stride(0),
-            *h.stride()[:3], *fam.lora_b.stride()[:2], eps, HAS_RES=residual is not None, HAS_POS=h.stride(2) != 0,
-            BLOCK=triton.next_power_of_2(n), BLOCK_R=max(rank_chunk, _block_r(fam)),
-            P_P2=triton.next_power_of_2(h.shape[0]), RC=rank_chunk, ROWS=rows, num_warps=num_warps)
-    elif t:
+    if t:
         _norm_lora_kernel[(t,)](
             x, residual if residual is not None else x, weight, out, s, meta.token_slot,
             tail_pos if h.stride(2) else meta.token_slot, h, fam.lora_b, fam.ranks, fam.scalings, n, h.shape[0],
