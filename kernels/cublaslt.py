@@ -8,6 +8,8 @@ times each over the layers' own weights and keeps the fastest, as PyTorch's Tuna
 
 cuBLASLt is reached through ctypes (the library torch itself loads), so nothing is built. The
 call is capturable in a CUDA graph: the workspace is preallocated and the algorithm fixed.
+Choices can persist in a JSON file (``TuningCache``, keyed by GPU and cuBLASLt version): a later start
+checks each cached algorithm once against F.linear instead of timing every candidate again.
 
     g = LtGemm(); g.tune(x, [w, ...]); g.linear(x, w) == F.linear(x, w)   (bf16/fp16, fp32 accumulation;
                                                                            equal up to summation order)
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import json
+import logging
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +48,9 @@ class _Heuristic(ctypes.Structure):
 
 class CuBLASLtError(RuntimeError):
     pass
+
+
+log = logging.getLogger(__name__)
 
 
 def _library() -> ctypes.CDLL:
@@ -77,6 +85,8 @@ class _Lt:
         }.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_int
+        lib.cublasLtGetVersion.argtypes, lib.cublasLtGetVersion.restype = [], sz
+        self.version = int(lib.cublasLtGetVersion())
         self.handle = self.new(lib.cublasLtCreate)
 
     def check(self, status: int, what: str) -> None:
@@ -108,6 +118,66 @@ class Shape:
     ldx: int
     ldw: int
     dtype: torch.dtype
+
+    def name(self) -> str:
+        return f"{self.m}x{self.n}x{self.k} ldx {self.ldx} ldw {self.ldw} {str(self.dtype).removeprefix('torch.')}"
+
+
+class TuningCache:
+    """Chosen algorithms on disk: ``{"version": 1, "entries": {env: {shape: {"algo": [8 ints] | null, "us": t}}}}``,
+    ``env`` naming the GPU, cuBLASLt's version and the candidate count (an algorithm is only meaningful to the
+    library that listed it). ``null``: F.linear won. An unreadable file, or one of another format, counts as
+    empty (logged); ``save`` merges with what is on disk, then replaces the file whole (write, then rename), so
+    workers sharing a file lose at most each other's latest shapes."""
+
+    VERSION = 1
+    MISSING = object()
+
+    def __init__(self, path: str | os.PathLike, env: str):
+        self.path, self.env = os.path.expanduser(os.fspath(path)), env
+        self.entries: dict[str, dict] = self._read().get(env, {})
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("GEMM tuning cache %s unreadable (%s): tuning afresh", self.path, e)
+            return {}
+        if not isinstance(data, dict) or data.get("version") != self.VERSION or not isinstance(data.get("entries"), dict):
+            log.warning("GEMM tuning cache %s is not version %d of the format: tuning afresh", self.path, self.VERSION)
+            return {}
+        return {k: v for k, v in data["entries"].items() if isinstance(v, dict)}
+
+    def get(self, shape: Shape):
+        """The algorithm's 8 words, None (F.linear won), or ``MISSING``."""
+        e = self.entries.get(shape.name())
+        if not isinstance(e, dict) or "algo" not in e:
+            return self.MISSING
+        algo = e["algo"]
+        if algo is None:
+            return None
+        if not (isinstance(algo, list) and len(algo) == 8 and all(isinstance(v, int) and 0 <= v < 1 << 64 for v in algo)):
+            return self.MISSING
+        return algo
+
+    def put(self, shape: Shape, algo: list[int] | None, us: float) -> None:
+        self.entries[shape.name()] = {"algo": algo, "us": round(us, 3) if us != float("inf") else None}
+
+    def save(self) -> None:
+        every = self._read()
+        every[self.env] = {**every.get(self.env, {}), **self.entries}
+        folder = os.path.dirname(self.path) or "."
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cublaslt-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": self.VERSION, "entries": every}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as e:                 # a read-only home, a full disk: tuning still holds for this process
+            log.warning("GEMM tuning cache %s not written: %s", self.path, e)
 
 
 def shape_of(x: torch.Tensor, w: torch.Tensor) -> Shape:
@@ -165,13 +235,18 @@ class LtGemm:
     """
 
     def __init__(self, device: torch.device | str = "cuda", candidates: int = 8, tune_layers: int = 8,
-                 reps: int = 10):
+                 reps: int = 10, cache: str | os.PathLike | None = None):
         self.device, self.candidates, self.tune_layers, self.reps = torch.device(device), candidates, tune_layers, reps
         self.workspace = torch.empty(WORKSPACE, dtype=torch.uint8, device=self.device)
         self.tuning = False
         self.plans: dict[Shape, _Plan] = {}
         self.chosen: dict[Shape, _Algo | None] = {}                       # None: F.linear was fastest
         self.timings: dict[Shape, list[tuple[_Algo | None, float]]] = {}  # F.linear, then each candidate: us
+        self.cached: set[Shape] = set()                                  # chosen from the cache, checked, not timed
+        self.cache = None
+        if cache:
+            env = f"{torch.cuda.get_device_name(self.device)} / cuBLASLt {_lt().version} / {candidates} candidates"
+            self.cache = TuningCache(cache, env)
 
     def run(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, plan: _Plan, algo: _Algo) -> torch.Tensor:
         lt = _lt()
@@ -188,11 +263,42 @@ class LtGemm:
             return F.linear(x, w)
         shape = shape_of(x, w)
         if shape not in self.chosen and self.tuning and not torch.cuda.is_current_stream_capturing():
-            self.tune(x, peers() if peers is not None else [w])
+            if not self._from_cache(x, w, shape):
+                self.tune(x, peers() if peers is not None else [w])
         pick = self.chosen.get(shape)
         if pick is None:
             return F.linear(x, w)
         return self.run(x, w, torch.empty(shape.m, shape.n, dtype=x.dtype, device=x.device), self.plans[shape], pick)
+
+    def _from_cache(self, x: torch.Tensor, w: torch.Tensor, shape: Shape) -> bool:
+        """Take the cache's choice for ``shape`` if it has one that still passes ``tune``'s checks (matches
+        F.linear on random inputs, one graph node); False: tune it."""
+        got = self.cache.get(shape) if self.cache is not None else TuningCache.MISSING
+        if got is TuningCache.MISSING:
+            return False
+        if got is None:
+            self.chosen[shape] = None
+        else:
+            algo = _Algo()
+            algo.data[:] = got
+            plan = _Plan(shape)
+            if not self._valid(_random_like(x), w, algo, plan):
+                log.warning("cached cuBLASLt algorithm for %s fails its check: tuning it again", shape.name())
+                return False
+            self.plans[shape], self.chosen[shape] = plan, algo
+        self.cached.add(shape)
+        return True
+
+    def _valid(self, x: torch.Tensor, w: torch.Tensor, algo: _Algo, plan: _Plan, ref: torch.Tensor | None = None) -> bool:
+        """Whether ``algo`` computes F.linear(x, w) and puts one node in a CUDA graph (see ``tune``)."""
+        shape = shape_of(x, w)
+        out = torch.empty(shape.m, shape.n, dtype=x.dtype, device=x.device)
+        ref = F.linear(x, w) if ref is None else ref
+        try:
+            return (torch.allclose(self.run(x, w, out, plan, algo).float(), ref.float(), rtol=2e-2, atol=2e-2)
+                    and _graph_nodes(lambda: self.run(x, w, out, plan, algo)) == 1)
+        except CuBLASLtError:
+            return False
 
     def tune(self, x: torch.Tensor, ws: list[torch.Tensor]) -> list[tuple[_Algo | None, float]]:
         """Time F.linear and each candidate over ``ws`` (weights of one shape, e.g. every layer's, so
@@ -206,8 +312,7 @@ class LtGemm:
         out = torch.empty(shape.m, shape.n, dtype=x.dtype, device=x.device)
         # timed on random inputs, not the caller's: a capture's warm-up step repeats one token in every row, and
         # such inputs ranked gate_up's candidates differently from decoding (bench/NOTES-kernels.md v17)
-        gen = torch.Generator(device=x.device).manual_seed(0)        # leaves the global CUDA generator alone
-        x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).normal_(generator=gen)
+        x = _random_like(x)
         plan = self.plans[shape] = _Plan(shape)
         ref = F.linear(x, ws[0])
         cands = [None] + [h.algo for h in plan.algos(self.candidates, WORKSPACE)]
@@ -218,18 +323,23 @@ class LtGemm:
             # a candidate must be one kernel: some add a memset (or a reduction kernel) to each call, whose gap
             # in a decode step (a memset's ~5 us a call at batch 32) this back-to-back timing does not show
             # (bench/NOTES-kernels.md v17); F.linear keeps its own split-K where it wins
-            try:
-                ok = algo is None or (torch.allclose(fn(ws[0]).float(), ref.float(), rtol=2e-2, atol=2e-2)
-                                      and _graph_nodes(lambda: fn(ws[0])) == 1)
-            except CuBLASLtError:
-                ok = False
+            ok = algo is None or self._valid(x, ws[0], algo, plan, ref)
             t = _time_us(fn, ws, self.reps) if ok else float("inf")
             times.append((algo, t))
             if t < best[0]:
                 best = (t, algo)
         self.chosen[shape] = best[1]
         self.timings[shape] = times
+        if self.cache is not None:
+            self.cache.put(shape, None if best[1] is None else list(best[1].data), best[0])
+            self.cache.save()
         return times
+
+
+def _random_like(x: torch.Tensor) -> torch.Tensor:
+    """Normal values in x's shape and strides, from a private generator (the global CUDA one is left alone)."""
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).normal_(generator=gen)
 
 
 def _graph_nodes(fn) -> int:

@@ -40,6 +40,9 @@ class EngineConfig:
                                         # fastest of cuBLASLt's ranked algorithms for their shape, timed while
                                         # the graphs are captured (kernels/cublaslt.py; its heuristic's first
                                         # pick costs gate/up 5% with LoRA's rows under it at batch 32)
+    gemm_tuning_cache: str = "~/.cache/openlora/cublaslt.json"  # where tuned_gemms keeps its choices per GPU
+                                        # and cuBLASLt version, so a restart checks them instead of timing
+                                        # again; "" = tune at every start
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):
@@ -54,6 +57,8 @@ class EngineConfig:
         for name in ("cuda_graphs", "tuned_gemms"):
             if not isinstance(getattr(self, name), bool):
                 raise OpenLoRAError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.gemm_tuning_cache, str):
+            raise OpenLoRAError(f"gemm_tuning_cache must be a file path or \"\", got {self.gemm_tuning_cache!r}")
         if not isinstance(self.fused_lora_tokens, int) or self.fused_lora_tokens < 0:
             raise OpenLoRAError(f"fused_lora_tokens must be an integer >= 0, got {self.fused_lora_tokens!r}")
         if self.num_blocks is not None and self.num_blocks < 1:

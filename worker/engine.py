@@ -51,7 +51,7 @@ class Engine:
                                   make_lora_backend(cfg.backend("lora_backend")))
         fused = cfg.backend("lora_backend") == cfg.backend("attention_backend") == "triton"
         self.model = LlamaModel(mc, weights, make_ops(cfg.backend("attention_backend")), self.slots,
-                                cfg.fused_lora_tokens if fused else 0, cfg.tuned_gemms)
+                                cfg.fused_lora_tokens if fused else 0, cfg.tuned_gemms, cfg.gemm_tuning_cache)
         num_blocks = cfg.num_blocks or self._auto_num_blocks()
         self.kv = KVCache(mc, num_blocks, cfg.block_size, self.device, cfg.dtype)
         self.max_model_len = min(cfg.max_model_len or mc.max_context, mc.max_context, num_blocks * cfg.block_size)

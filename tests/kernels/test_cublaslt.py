@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cublaslt import CuBLASLtError, LtGemm, _graph_nodes, _Plan, shape_of, usable
+from kernels.cublaslt import CuBLASLtError, LtGemm, Shape, TuningCache, _graph_nodes, _Plan, shape_of, usable
 from worker.config import EngineConfig
 from worker.errors import OpenLoRAError
 
@@ -25,6 +25,59 @@ def test_cpu_and_float32_operands_are_not_taken():
 def test_tuned_gemms_must_be_a_bool():
     with pytest.raises(OpenLoRAError, match="tuned_gemms"):
         EngineConfig(tuned_gemms="yes")
+
+
+def test_gemm_tuning_cache_must_be_a_path():
+    with pytest.raises(OpenLoRAError, match="gemm_tuning_cache"):
+        EngineConfig(gemm_tuning_cache=None)
+
+
+SHAPE = Shape(32, 4224, 4096, 4096, 4096, torch.bfloat16)
+ALGO = [1, 2 ** 64 - 1, 0, 7, 8, 9, 10, 11]
+
+
+def test_tuning_cache_keeps_choices_per_environment(tmp_path):
+    """Choices survive a reload for their GPU / library only; a save keeps other environments' entries and
+    merges with what another process wrote meanwhile."""
+    path = tmp_path / "sub" / "cublaslt.json"
+    a = TuningCache(path, "H100 / 130000")
+    assert a.get(SHAPE) is TuningCache.MISSING
+    a.put(SHAPE, ALGO, 85.4)
+    a.put(Shape(1, 6144, 4096, 4096, 4096, torch.float16), None, 12.0)
+    other = TuningCache(path, "H200 / 130000")
+    a.save()
+    other.put(SHAPE, [5] * 8, float("inf"))
+    other.save()
+    again = TuningCache(path, "H100 / 130000")
+    assert again.get(SHAPE) == ALGO
+    assert again.get(Shape(1, 6144, 4096, 4096, 4096, torch.float16)) is None       # F.linear won
+    assert again.get(Shape(1, 6144, 4096, 4096, 4096, torch.bfloat16)) is TuningCache.MISSING
+    assert TuningCache(path, "H200 / 130000").get(SHAPE) == [5] * 8
+    assert TuningCache(path, "H100 / 120000").get(SHAPE) is TuningCache.MISSING
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"version": 0, "entries": {}}', '[1, 2]',
+                                  '{"version": 1, "entries": {"env": {"%s": {"algo": [1, 2]}}}}' % SHAPE.name(),
+                                  '{"version": 1, "entries": {"env": {"%s": {"algo": [-1, 0, 0, 0, 0, 0, 0, 0]}}}}'
+                                  % SHAPE.name()])
+def test_a_damaged_tuning_cache_counts_as_empty(tmp_path, caplog, text):
+    path = tmp_path / "cublaslt.json"
+    path.write_text(text)
+    cache = TuningCache(path, "env")
+    assert cache.get(SHAPE) is TuningCache.MISSING
+    cache.put(SHAPE, ALGO, 1.0)
+    cache.save()                                      # replaces the damaged file
+    assert TuningCache(path, "env").get(SHAPE) == ALGO
+
+
+def test_an_unwritable_tuning_cache_is_logged_not_raised(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cache = TuningCache(blocker / "cublaslt.json", "env")        # its folder would be a file
+    cache.put(SHAPE, ALGO, 1.0)
+    cache.save()
+    assert "not written" in caplog.text
+    assert cache.get(SHAPE) == ALGO
 
 
 def _close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -100,3 +153,24 @@ def test_operands_off_the_path_fall_back_to_linear(seed):
         assert not usable(x, ww)
         _close(gemm.linear(x, ww), x, ww)
     assert not gemm.chosen
+
+
+@gpu
+def test_a_cached_choice_is_checked_not_timed(seed, tmp_path):
+    """A second LtGemm on the same cache file takes the first one's algorithm without timing the candidates,
+    and computes x @ w.T with it."""
+    m, n, k = 32, 4224, 4096
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    path = tmp_path / "cublaslt.json"
+    first = LtGemm("cuda", reps=3, cache=path)
+    first.tuning = True
+    first.linear(x, w)
+    shape = shape_of(x, w)
+    assert shape in first.timings and path.exists()
+    second = LtGemm("cuda", reps=3, cache=path)
+    second.tuning = True
+    _close(second.linear(x, w), x, w)
+    assert shape in second.cached and shape not in second.timings
+    pick, again = first.chosen[shape], second.chosen[shape]
+    assert (pick is None and again is None) or list(pick.data) == list(again.data)

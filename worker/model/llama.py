@@ -42,7 +42,7 @@ class LlamaModel:
     launch at all; bench/NOTES-kernels.md)."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, ops, lora, fused_lora_tokens: int = 0,
-                 tuned_gemms: bool = False):
+                 tuned_gemms: bool = False, gemm_tuning_cache: str = ""):
         self.cfg = cfg
         self.w = weights
         self.ops = ops            # attention, norms, rotary, SiLU-mul (torch references or Triton)
@@ -52,7 +52,7 @@ class LlamaModel:
         self.gemm = None
         if tuned_gemms and weights.embed.is_cuda and weights.embed.dtype in (torch.float16, torch.bfloat16):
             from kernels.cublaslt import LtGemm
-            self.gemm = LtGemm(weights.embed.device)
+            self.gemm = LtGemm(weights.embed.device, cache=gemm_tuning_cache or None)
         self.fused_lora_tokens = self.tail_positions = 0
         if fused_lora_tokens:
             from kernels import fused_lora, fused_lora_dense          # Triton: imported only where it runs
