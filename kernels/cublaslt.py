@@ -169,7 +169,7 @@ class TuningCache:
     def save(self) -> None:
         every = self._read()
         every[self.env] = {**every.get(self.env, {}), **self.entries}
-        folder = os.path.dirname(self.path) or "."
+        folder, tmp = os.path.dirname(self.path) or ".", None
         try:
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cublaslt-", suffix=".json")
@@ -178,6 +178,8 @@ class TuningCache:
             os.replace(tmp, self.path)
         except OSError as e:                 # a read-only home, a full disk: tuning still holds for this process
             log.warning("GEMM tuning cache %s not written: %s", self.path, e)
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def shape_of(x: torch.Tensor, w: torch.Tensor) -> Shape:

@@ -56,15 +56,17 @@ def test_tuning_cache_keeps_choices_per_environment(tmp_path):
     assert TuningCache(path, "H100 / 120000").get(SHAPE) is TuningCache.MISSING
 
 
-@pytest.mark.parametrize("text", ["{not json", '{"version": 0, "entries": {}}', '[1, 2]',
-                                  '{"version": 1, "entries": {"env": {"%s": {"algo": [1, 2]}}}}' % SHAPE.name(),
-                                  '{"version": 1, "entries": {"env": {"%s": {"algo": [-1, 0, 0, 0, 0, 0, 0, 0]}}}}'
-                                  % SHAPE.name()])
-def test_a_damaged_tuning_cache_counts_as_empty(tmp_path, caplog, text):
+@pytest.mark.parametrize("text, warned", [
+    ("{not json", True), ('{"version": 0, "entries": {}}', True), ("[1, 2]", True),
+    ('{"version": 1, "entries": {"env": {"%s": {"algo": [1, 2]}}}}' % SHAPE.name(), False),
+    ('{"version": 1, "entries": {"env": {"%s": {"algo": [-1, 0, 0, 0, 0, 0, 0, 0]}}}}' % SHAPE.name(), False)])
+def test_a_damaged_tuning_cache_counts_as_empty(tmp_path, caplog, text, warned):
+    """A file that is not the format is logged and ignored; an entry that is not an algorithm is tuned again."""
     path = tmp_path / "cublaslt.json"
     path.write_text(text)
     cache = TuningCache(path, "env")
     assert cache.get(SHAPE) is TuningCache.MISSING
+    assert ("tuning afresh" in caplog.text) == warned
     cache.put(SHAPE, ALGO, 1.0)
     cache.save()                                      # replaces the damaged file
     assert TuningCache(path, "env").get(SHAPE) == ALGO
@@ -78,6 +80,13 @@ def test_an_unwritable_tuning_cache_is_logged_not_raised(tmp_path, caplog):
     cache.save()
     assert "not written" in caplog.text
     assert cache.get(SHAPE) == ALGO
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    folder = tmp_path / "taken"
+    (folder / "cublaslt.json").mkdir(parents=True)                 # the file's name is a folder: replace fails
+    cache = TuningCache(folder / "cublaslt.json", "env")
+    cache.put(SHAPE, ALGO, 1.0)
+    cache.save()
+    assert [p.name for p in folder.iterdir()] == ["cublaslt.json"]  # no temporary file left behind
 
 
 def _close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
