@@ -233,7 +233,8 @@ class LtGemm:
     tunes a shape it meets while ``tuning`` is on (the engine turns it on for the eager warm-up runs
     before each decode graph's capture) and otherwise runs what was chosen. A shape never tuned, or
     one where F.linear itself won, goes to ``F.linear`` unchanged. Calls are capturable in a CUDA graph
-    (the workspace is allocated here, once).
+    (the workspace is allocated here, once). With a ``cache`` file, ``linear`` first takes a shape's
+    choice from it (checked, not timed: ``cached``), and ``tune`` writes each new choice there.
     """
 
     def __init__(self, device: torch.device | str = "cuda", candidates: int = 8, tune_layers: int = 8,
