@@ -18,13 +18,13 @@ import tempfile
 import time
 
 from bench.engine import LLAMA3_8B, RANK
-from worker.engine import Engine
+from worker.engine import Engine, EngineConfig
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32, help="largest decode batch (graphs are captured up to it)")
-    ap.add_argument("--cache", default="~/.cache/openlora/cublaslt.json", help='tuning cache file; "" = none')
+    ap.add_argument("--cache", default=EngineConfig.gemm_tuning_cache, help='tuning cache file; "" = none')
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(LLAMA3_8B))
