@@ -2,6 +2,7 @@
 
     python bench/engine.py [--batches 32 256] [--workloads identical ...] [--new-tokens 128] [--rounds 5]
                            [--hf 32:distinct ...] [--fused-lora-tokens N] [--out bench/results] [--smoke]
+                           [--trace steps.json]
 
 128-token prompts, 128 new tokens (greedy, EOS ignored), rank-16 adapters on all
 7 projections. Workloads follow Punica's definitions: Identical (one adapter),
@@ -14,6 +15,10 @@ bandwidth measured in the same run).
 Each batch runs `--rounds` rounds of every workload, each round between two base-only runs, and a workload's
 LoRA overhead is the median over rounds of its ratio to the mean of its round's two base steps: the base step
 drifts ~5% between runs (clocks, host), so a single base measurement taken first would skew every overhead.
+The GPU overhead is the same ratio of the decode graphs' replay times (CUDA events around each replay): the
+host's half of a step (scheduling, staging, sampling: ~3 ms of a 13 ms batch-256 step) switches between two
+speeds for seconds at a time on the lent machine, the GPU's half does not (bench/NOTES-kernels.md v19).
+``--trace`` writes every decode step's (wall-clock start, ms, host prepare ms, GPU replay ms).
 """
 from __future__ import annotations
 
@@ -91,13 +96,40 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> dict:
+def time_replays(engine: Engine) -> list:
+    """From now on, every decode-graph step of ``engine`` appends (host ms of its ``prepare``, CUDA events around
+    its replay) to the list returned: a step's time split into the host's half and the GPU's."""
+    graphs, log = engine.graphs, []
+
+    def run(*args):
+        t0 = time.perf_counter()
+        graph, logits = graphs.prepare(*args)
+        host_ms = (time.perf_counter() - t0) * 1e3
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        graphs.replays += 1
+        log.append((host_ms, start, end))
+        return logits
+
+    graphs.run = run
+    return log
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | None], new_tokens: int,
+               trace: dict | None = None, replays: list | None = None) -> dict:
+    """One batch to completion: throughput, the median decode step, time to first token. ``trace``, if given,
+    gets every decode step's (wall-clock start, ms) and, with ``replays`` (``time_replays``), its host
+    ``prepare`` ms and the GPU ms of its graph replay: for lining steps up with a GPU clock log."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     sync(engine.device)
     t0 = time.perf_counter()
     ids = [engine.add_request(None, p, a, params) for p, a in zip(prompts, adapters)]
     first: dict[str, float] = {}
     decode_steps: list[float] = []
+    gpu_steps: list[float] = []
+    steps: list[tuple[float, ...]] = []
     generated = 0
     while engine.has_unfinished():
         s0 = time.perf_counter()
@@ -105,19 +137,30 @@ def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | No
             not engine.scheduler.waiting
         outs = engine.step()                      # ends in a host read of the sampled tokens: synchronised
         dt = time.perf_counter() - s0
+        split = ()
+        if replays:
+            host_ms, start, end = replays.pop()
+            replays.clear()
+            split = (round(host_ms, 3), round(start.elapsed_time(end), 3))
         if pure_decode and len(engine.scheduler.running) + sum(o.finished for o in outs) == len(ids):
             decode_steps.append(dt)
+            if split:
+                gpu_steps.append(split[1])
+            steps.append((round(time.time() - dt, 4), round(dt * 1e3, 3), *split))
         for o in outs:
             generated += len(o.new_token_ids)
             if o.request_id not in first and o.new_token_ids:
                 first[o.request_id] = time.perf_counter() - t0
     total = time.perf_counter() - t0
+    if trace is not None:
+        trace["steps"] = steps
     decode_steps.sort()
     ttft = sorted(first.values())
     step = decode_steps[len(decode_steps) // 2]
     return {"tok_per_s": generated / total, "decode_tok_per_s": len(ids) / step, "step_ms_p50": step * 1e3,
             "ttft_ms_p50": ttft[len(ttft) // 2] * 1e3, "ttft_ms_p99": ttft[int(len(ttft) * 0.99)] * 1e3,
-            "total_s": total, "generated": generated}
+            "total_s": total, "generated": generated,
+            **({"gpu_step_ms_p50": statistics.median(gpu_steps)} if gpu_steps else {})}
 
 
 def median_run(runs: list[dict], batch: int) -> dict:
@@ -129,35 +172,52 @@ def median_run(runs: list[dict], batch: int) -> dict:
 
 
 def bench_batch(engine: Engine, names: list[str], prompts: list[list[int]], assigns: dict[str, list[int]],
-                rounds: int, new_tokens: int, copy_Bps: float) -> list[dict]:
+                rounds: int, new_tokens: int, copy_Bps: float, trace: list[dict] | None = None) -> list[dict]:
     """Rows for one batch: base, then per workload our engine and its roofline; medians over ``rounds`` (base:
-    over its rounds + 1 runs)."""
+    over its rounds + 1 runs). ``trace`` gets every run's decode steps (``run_engine``)."""
     batch = len(prompts)
+    replays = time_replays(engine) if engine.graphs is not None else None
+
+    def run(workload: str, r: int, adapters: list[str | None]) -> dict:
+        entry = {"batch": batch, "workload": workload, "round": r}
+        out = run_engine(engine, prompts, adapters, new_tokens, entry if trace is not None else None, replays)
+        if trace is not None:
+            trace.append(entry)
+        return out
+
     ctx = len(prompts[0]) + new_tokens / 2
     base_runs: list[dict] = []
     lora_runs: dict[str, list[dict]] = {w: [] for w in assigns}
     overheads: dict[str, list[float]] = {w: [] for w in assigns}
-    base_runs.append(run_engine(engine, prompts, [None] * batch, new_tokens))
+    gpu_overheads: dict[str, list[float]] = {w: [] for w in assigns}
+    base_runs.append(run("base", 0, [None] * batch))
     for r in range(rounds):
         shown = [{"workload": "base", **base_runs[-1]}]
         for w, assign in assigns.items():
-            lora_runs[w].append(run_engine(engine, prompts, [names[i] for i in assign], new_tokens))
+            lora_runs[w].append(run(w, r + 1, [names[i] for i in assign]))
             shown.append({"workload": w, "distinct": len(set(assign)), **lora_runs[w][-1]})
-        base_runs.append(run_engine(engine, prompts, [None] * batch, new_tokens))
+        base_runs.append(run("base", r + 1, [None] * batch))
         shown.append({"workload": "base", **base_runs[-1]})
         base_step = (base_runs[-2]["step_ms_p50"] + base_runs[-1]["step_ms_p50"]) / 2   # the round's brackets
         for row in shown[1:-1]:
             overheads[row["workload"]].append(100 * (row["step_ms_p50"] / base_step - 1))
             row["lora_overhead_pct"] = overheads[row["workload"]][-1]
+            if replays is not None:
+                base_gpu = (base_runs[-2]["gpu_step_ms_p50"] + base_runs[-1]["gpu_step_ms_p50"]) / 2
+                gpu_overheads[row["workload"]].append(100 * (row["gpu_step_ms_p50"] / base_gpu - 1))
+                row["gpu_overhead_pct"] = gpu_overheads[row["workload"]][-1]
         print(f"batch {batch}, round {r + 1}/{rounds}", flush=True)
-        print(table(shown, ["workload", "distinct", "decode_tok_per_s", "step_ms_p50", "ttft_ms_p50",
-                            "lora_overhead_pct"]), flush=True)
+        print(table(shown, ["workload", "distinct", "decode_tok_per_s", "step_ms_p50", "gpu_step_ms_p50",
+                            "ttft_ms_p50", "lora_overhead_pct", "gpu_overhead_pct"]), flush=True)
     rows = [{"system": "openlora-base", "workload": "base", "batch": batch, **median_run(base_runs, batch)}]
     for w, assign in assigns.items():
         floor = roofline(engine, batch, len(set(assign)), ctx, copy_Bps)
         rows.append({"system": "openlora", "workload": w, "batch": batch, "distinct": len(set(assign)),
                      **median_run(lora_runs[w], batch), "lora_overhead_pct": statistics.median(overheads[w]),
                      "lora_overhead_pct_rounds": [round(o, 3) for o in overheads[w]],
+                     **({"gpu_overhead_pct": statistics.median(gpu_overheads[w]),
+                         "gpu_overhead_pct_rounds": [round(o, 3) for o in gpu_overheads[w]]}
+                        if replays is not None else {}),
                      "byte_floor_overhead_pct": floor["lora_byte_overhead_pct"]})
         rows.append({"system": "roofline", "workload": w, "batch": batch, "distinct": len(set(assign)), **floor})
     return rows
@@ -234,6 +294,8 @@ def main() -> None:
                     help="rounds of every workload per batch, each between base-only runs; results are medians "
                          "(default 5, smoke 1)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks that the bench runs")
+    ap.add_argument("--trace", default=None, help="write every run's decode steps (wall-clock start, ms) to this "
+                    "JSON file, to line them up with a clock log (nvidia-smi --query-gpu=timestamp,clocks.sm,...)")
     ap.add_argument("--untuned-gemms", action="store_true",
                     help="the GEMMs on F.linear's own algorithms (EngineConfig.tuned_gemms=False), for an A/B")
     args = ap.parse_args()
@@ -264,6 +326,7 @@ def main() -> None:
               flush=True)
         names = random_adapters(engine, max_batch)
         rows = []
+        trace: list[dict] | None = [] if args.trace else None
         vocab = engine.model_config.vocab_size
         warm = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(4)]
         run_engine(engine, warm, [names[0], None, names[1], names[2]], 4)
@@ -271,7 +334,9 @@ def main() -> None:
             prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(batch)]
             # drawn once, in the same rng order as before rounds existed, so every round runs the same requests
             assigns = {w: workload(w, batch, rng) for w in args.workloads}
-            rows += bench_batch(engine, names, prompts, assigns, args.rounds, args.new_tokens, copy * 1e12)
+            rows += bench_batch(engine, names, prompts, assigns, args.rounds, args.new_tokens, copy * 1e12, trace)
+            if trace is not None:                   # after each batch: a run cut short keeps what it measured
+                Path(args.trace).write_text(json.dumps(trace))
         del engine
         free_memory(device)
     for spec in args.hf:
@@ -291,7 +356,8 @@ def main() -> None:
                         dtype="bfloat16", prompt_len=args.prompt_len, new_tokens=args.new_tokens, rank=RANK,
                         fused_lora_tokens=fused_lora_tokens, rounds=args.rounds, tuned_gemms=not args.untuned_gemms)
     print(table(rows, ["system", "workload", "batch", "distinct", "decode_tok_per_s", "tok_per_s", "step_ms_p50",
-                       "ttft_ms_p50", "lora_overhead_pct", "byte_floor_overhead_pct"]))
+                       "gpu_step_ms_p50", "ttft_ms_p50", "lora_overhead_pct", "gpu_overhead_pct",
+                       "byte_floor_overhead_pct"]))
     print(f"wrote {path}")
 
 
