@@ -29,6 +29,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--workloads", nargs="+", default=["identical", "uniform", "skewed", "distinct"])
     ap.add_argument("--block-m", type=int, nargs="+", default=[32, 16])
+    ap.add_argument("--rotary-grids", nargs="+", default=None, choices=["segments", "rows", "blocks"],
+                    help="rotary on these grids instead of the one the engine picks (past 64 tokens, one adapter: "
+                    "segments takes the rows straight, blocks gathers them through the sorted order)")
     ap.add_argument("--dense", action="store_true", help="SiLU-mul's dense expand for the workloads of <= 8 "
                     "positions instead of the per-row and segment grids")
     args = ap.parse_args()
@@ -51,14 +54,19 @@ def main():
         meta = LoRAMeta.allocate(t, SLOTS, dev).fill(drawn)
         down = f_d if shrink else [None] * LAYERS
         silu_grid, _, _ = fl._grid(meta, h_gu, t, "silu", None)
-        rot_grid, _, _ = fl._grid(meta, h_qkv, t, "rotary", None)
+        rot_default, _, _ = fl._grid(meta, h_qkv, t, "rotary", None)
         for bm in args.block_m:
-            if bm < 16 and rot_grid != "rows" and silu_grid != "rows":
+            for rot_grid in args.rotary_grids or [rot_default]:
+                if rot_grid == "blocks" and bm != args.block_m[0] or bm < 16 and rot_grid != "rows":
+                    continue                                # (the blocks grid takes SEG_BLOCK rows whatever bm)
+                for nw in (4, 8):
+                    us = per_call(lambda i: fl.rotary_lora_(qkv[i], h_qkv, f_qkv[i], cos, cos, pos, meta, 32, 8,
+                                                            tail_pos, num_warps=nw, grid=rot_grid,
+                                                            block_m=None if rot_grid == "blocks" else bm))
+                    print(f"rotary_lora   {rot_grid:8s} {bm if rot_grid != 'blocks' else fl.SEG_BLOCK} rows, "
+                          f"{nw} warps            {us:6.2f} us", flush=True)
+            if bm < 16 and silu_grid != "rows":
                 continue
-            for nw in (4, 8) if bm >= 16 or rot_grid == "rows" else ():
-                us = per_call(lambda i: fl.rotary_lora_(qkv[i], h_qkv, f_qkv[i], cos, cos, pos, meta, 32, 8, tail_pos,
-                                                        num_warps=nw, block_m=bm))
-                print(f"rotary_lora   {rot_grid:8s} {bm} rows, {nw} warps            {us:6.2f} us", flush=True)
             dense = args.dense and k <= DENSE_POSITIONS          # (the engine's SiLU-mul for such steps)
             for bn, nw in () if dense or (bm < 16 and silu_grid != "rows") else \
                     ((64, 4), (32, 4), (64, 2), (64, 8), (128, 4), (32, 2)):

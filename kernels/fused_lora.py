@@ -67,6 +67,11 @@ ROW_BLOCK = 64            # rows a rotary or SiLU-mul program takes (program_id 
 NATIVE_EXPAND = True      # past MANY_TOKENS tokens, rotary's and SiLU-mul's expands in the model dtype (``_native_expand``)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tuned on the H100)
+# Past NORM_MANY_TOKENS rows (more than the H100's 132 SMs), the norm's programs come in waves, and at 247 registers a
+# thread NORM's 8 warps fit one program an SM: (warps, rank rows, register cap) then 7.18 against 7.75 us a call at
+# 256 tokens with one adapter, 7.83 against 9.72 with 16, 6.95 against 8.80 at 192 tokens (bench/NOTES-kernels.md v19)
+NORM_MANY = (8, 8, 128)
+NORM_MANY_TOKENS = 128
 # SiLU-mul (columns a program, warps) by (grid, whether it shrinks down); tuned on the H100 (bench/NOTES-kernels.md)
 SILU = {("segments", True): (64, 2), ("rows", True): (64, 4), ("blocks", True): (64, 2),
         ("segments", False): (64, 4), ("rows", False): (64, 4), ("blocks", False): (128, 4)}
@@ -514,16 +519,18 @@ def _grid(meta: LoRAMeta, h: torch.Tensor, t: int, kernel: str, grid: str | None
     MANY_TOKENS tokens, "segments", a program per tail position of h (the step's adapters sit at distinct
     positions below it), for at most ``SEGMENTS_MAX[kernel]`` of them, else "rows" (per-row gathers); past
     MANY_TOKENS, "blocks" (the step's segment blocks, a program a SEG_BLOCK tokens of the step, each looping
-    over blocks; for one adapter too: 7.4 against 7.5 us for rotary at 256 tokens, SiLU-mul without down's
-    shrink 16.3 against 17.9 on 64-row blocks, bench/NOTES-kernels.md v11). Decided by h's shape and the
-    step's size, so that a captured graph keeps its grid for every step of its bucket; programs past the step's segments or blocks do
+    over blocks; for one adapter too: SiLU-mul without down's shrink 16.3 against 17.9 us on 64-row blocks,
+    bench/NOTES-kernels.md v11), except rotary with one tail position, which takes "segments" in FEW_ROWS
+    blocks (6.60 against 7.45 us at 256 tokens, v19). Decided by h's shape and the step's size, so that a
+    captured graph keeps its grid for every step of its bucket; programs past the step's segments or blocks do
     nothing. ``grid`` forces one and ``block_m`` the rows a program takes off the blocks grid (by default the
     step's rows up to ``FEW_ROWS``; tests, tuning)."""
     k = h.shape[2]
     if meta.num_segments > k:
         raise ValueError(f"{meta.num_segments} adapters in the step but h holds {k} tail positions")
     if grid is None:
-        grid = "blocks" if t > MANY_TOKENS else "segments" if k <= SEGMENTS_MAX[kernel] else "rows"
+        grid = ("segments" if kernel == "rotary" and k == 1 else "blocks") if t > MANY_TOKENS else \
+            "segments" if k <= SEGMENTS_MAX[kernel] else "rows"
     if grid == "blocks":
         return grid, triton.cdiv(t, SEG_BLOCK), SEG_BLOCK
     if grid not in ("segments", "rows"):
@@ -552,9 +559,10 @@ def _block_m(t: int) -> int:
 
 
 def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, meta: LoRAMeta,
-              h: torch.Tensor, fam, tail_pos: torch.Tensor | None = None, num_warps: int = NORM[0],
-              rank_chunk: int = NORM[1]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, s): s = x + expand + residual, out = w * rmsnorm(s); one program a row.
+              h: torch.Tensor, fam, tail_pos: torch.Tensor | None = None, num_warps: int | None = None,
+              rank_chunk: int | None = None, maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, s): s = x + expand + residual, out = w * rmsnorm(s); one program a row. Launch parameters left
+    None come from NORM, or NORM_MANY past NORM_MANY_TOKENS rows (``maxnreg``: a register cap, 0 for none).
 
     The expand: x[t] += scaling * sum_p h[p, t, pos(t), 0] @ B[slot(t)], ``fam`` a one-slice
     family, rounded to x's dtype before the residual is added (a norm without LoRA is
@@ -566,6 +574,10 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     _check_family("expand", fam, None, n, 1)
     _check_h("expand", h, None, t, fam, tail_pos)
     out, s = torch.empty_like(x), torch.empty_like(x)
+    many = t > NORM_MANY_TOKENS
+    num_warps = num_warps or (NORM_MANY[0] if many else NORM[0])
+    rank_chunk = rank_chunk or (NORM_MANY[1] if many else NORM[1])
+    maxnreg = (NORM_MANY[2] if many else 0) if maxnreg is None else maxnreg
     if t:
         _norm_lora_kernel[(t,)](
             x, residual if residual is not None else x, weight, out, s, meta.token_slot,
@@ -574,7 +586,8 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), s.stride(0),
             *h.stride()[:3], *fam.lora_b.stride()[:2], eps, HAS_RES=residual is not None, HAS_POS=h.stride(2) != 0,
             BLOCK=triton.next_power_of_2(n), BLOCK_R=max(rank_chunk, _block_r(fam)),
-            P_P2=triton.next_power_of_2(h.shape[0]), RC=rank_chunk, num_warps=num_warps)
+            P_P2=triton.next_power_of_2(h.shape[0]), RC=rank_chunk, num_warps=num_warps,
+            **({"maxnreg": maxnreg} if maxnreg else {}))
     return out, s
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import fused_lora as fl
 from kernels.fused_lora import MANY_TOKENS, MAX_TOKENS, LoRATails, LoRAWeights, norm_lora, rotary_lora_, silu_mul_lora
 from kernels.fused_lora_dense import ExpandTails, fits, silu_mul_lora_dense
 from kernels.fused_lora_torch import norm_lora_ref, rotary_lora_ref, shrink_ref, silu_mul_lora_ref
@@ -122,6 +123,37 @@ def test_norm_lora_expand_from_gemm_columns(seed, rel_err, adapters, dtype):
         out, s = norm_lora(x, res, w, 1e-6, meta, h, f_o, tail_pos_dev)
         ref_out, ref_s = norm_lora_ref(x, res, w, 1e-6, mix, ref_h, f_o, tail_pos)
         assert rel_err(s, ref_s) <= TOL[dtype] and rel_err(out, ref_out) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("adapters", ADAPTERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_lora_past_many_rows(seed, rel_err, adapters, dtype):
+    """Past NORM_MANY_TOKENS rows the norm launches with NORM_MANY (B in more rank chunks, a register cap on the
+    GPU); the same step with NORM's parameters forced must match the reference too."""
+    hidden, r = (96, 16) if not CUDA else (4096, 16)
+    t = fl.NORM_MANY_TOKENS + 5
+    mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
+    f_o = family(hidden, [hidden], ranks_for(1, r), r, dtype)
+    w = (1 + 0.1 * torch.randn(hidden, device=DEV)).to(dtype)
+    x, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_o, mix, tail_pos, hidden)
+    res = torch.randn(t, hidden, device=DEV).to(dtype)
+    ref_out, ref_s = norm_lora_ref(x, res, w, 1e-6, mix, ref_h, f_o, tail_pos)
+    for launch in ({}, {"num_warps": fl.NORM[0], "rank_chunk": fl.NORM[1], "maxnreg": 0}):
+        out, s = norm_lora(x, res, w, 1e-6, meta, h, f_o, tail_pos_dev, **launch)
+        assert rel_err(s, ref_s) <= TOL[dtype] and rel_err(out, ref_out) <= TOL[dtype], launch
+
+
+def test_one_adapter_rotary_takes_segments_past_many_tokens():
+    """Rotary with one tail position takes the segment grid past MANY_TOKENS (rows straight, FEW_ROWS a program);
+    with more positions, and SiLU-mul always, the segment blocks. The grid follows h's shape, not the step's
+    adapters, so a captured graph keeps it."""
+    t = MANY_TOKENS + 1
+    meta = LoRAMeta.allocate(t, SLOTS, DEV).fill([1] * t)
+    one, two = torch.empty(1, t, 1, 3, 8, device=DEV), torch.empty(1, t, 2, 3, 8, device=DEV)
+    assert fl._grid(meta, one, t, "rotary", None) == ("segments", 1, fl.FEW_ROWS["rotary", "segments"])
+    assert fl._grid(meta, two, t, "rotary", None)[0] == "blocks"
+    assert fl._grid(meta, one, t, "silu", None)[0] == "blocks"
+    assert fl._grid(meta, one, MANY_TOKENS, "rotary", None)[0] == "segments"
 
 
 def rotary_tables(d, dtype):
