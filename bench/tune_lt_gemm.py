@@ -7,6 +7,8 @@ the kernel each ran. Llama-3-8B shapes, bf16; rows under a weight as the engine 
 (``worker.model.llama.TAIL_PAD``; rank 16: qkv 48 rows a position, o 16, gate_up 32, down 16).
 
     python bench/tune_lt_gemm.py [--tokens 32] [--kernels]     (results: bench/results/2026-11-24-h100-lt-gemm*.txt)
+    python bench/tune_lt_gemm.py --tokens 256 --one
+                                           (results: bench/results/2026-11-25-h100-lt-gemm-one-256.txt)
 """
 import argparse
 import sys
@@ -23,6 +25,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[32, 64, 256])
     ap.add_argument("--kernels", action="store_true", help="every candidate's kernels and graph nodes")
+    ap.add_argument("--one", action="store_true", help="one adapter's rows only (one tail position, padded as "
+                    "the engine may pad it), for steps past 64 tokens")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; us a call; "
@@ -33,6 +37,10 @@ def main():
               ("gate_up", 64, 2 * I, H, (0, 128, 512)),
               ("gate_up", 256, 2 * I, H, (0, 1536, 2048)), ("qkv", 256, 6144, H, (0, 2304, 3072)),
               ("o", 256, H, H, (0, 768, 1024)), ("down", 256, H, I, (0, 768, 1024))]
+    if args.one:
+        shapes = [(name, t, n, k, extras) for t in args.tokens for name, n, k, extras in
+                  (("qkv", 6144, H, (0, 64)), ("o", H, H, (0, 64)), ("gate_up", 2 * I, H, (0, 64, 128)),
+                   ("down", H, I, (0, 64, 128, 256)))]
     gemm = LtGemm(dev, candidates=16, tune_layers=LAYERS, reps=20)
     for name, t, n, k, extras in [s for s in shapes if s[1] in args.tokens]:
         x = torch.randn(t, k, device=dev).to(dt)

@@ -18,7 +18,8 @@ from worker.step_inputs import StepInputs
 
 
 # rows under each base weight come in multiples of these (where cuBLAS keeps its fast kernel for the
-# shape; bench/NOTES-kernels.md; down's at 256 tokens: 57.4 us bare, 67.6 with 64 extra rows, 55.4 with 256)
+# shape; bench/NOTES-kernels.md; down's at 256 tokens through F.linear: 57.4 us bare, 67.6 with 64 extra rows,
+# 55.4 with 256; a step may read fewer rows in multiples of a divisor, DOWN_PAD_*)
 TAIL_PAD = {"qkv": 64, "o": 64, "gate_up": 128, "down": 256}
 # tail positions a fused step's GEMMs read, its adapters rounded up to one of these: powers of two and the
 # steps between them (a step's GEMMs read every position of its bucket; with powers of two alone, batch 256's
@@ -33,6 +34,9 @@ TAIL_BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 DOWN_SHRINK_IN_SILU_TOKENS = 32
 DOWN_GEMM_MAX_POSITIONS = 8
 DOWN_PAD_FEW_TOKENS = 128   # down's extra rows in steps of at most MANY_TOKENS tokens (256 cost 3-10 us a layer more)
+# past MANY_TOKENS on the tuned GEMMs (``LtGemm``): at 256 tokens the bare shape 53.3 us, +64 rows 53.8, +128 54.5,
+# +256 55.0 (bench/results/2026-11-25-h100-lt-gemm-one-256.txt); F.linear alone keeps TAIL_PAD's 256 (+64: 67.5)
+DOWN_PAD_MANY_TOKENS = 64
 
 
 class LlamaModel:
@@ -203,7 +207,8 @@ class LlamaModel:
         t = s.input_ids.shape[0]
         k = self.tail_bucket(meta.num_segments, t)
         down_t = self.tails["down"] if self.down_in_gemm(t, k) else None
-        down_pad = DOWN_PAD_FEW_TOKENS if t <= fl.MANY_TOKENS else None
+        down_pad = DOWN_PAD_FEW_TOKENS if t <= fl.MANY_TOKENS else \
+            DOWN_PAD_MANY_TOKENS if self.gemm is not None else None
         dense = k <= self.b_tails.positions and self.dense.takes(k, self.lora.max_rank, t, self.w.embed.dtype)
         h, residual = self.ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
         for i, layer in enumerate(layers):
