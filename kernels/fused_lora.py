@@ -67,6 +67,9 @@ ROW_BLOCK = 64            # rows a rotary or SiLU-mul program takes (program_id 
 NATIVE_EXPAND = True      # past MANY_TOKENS tokens, rotary's and SiLU-mul's expands in the model dtype (``_native_expand``)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NORM = (8, 16)          # norm: warps, rank rows of B a tile ([16, hidden]; tuned on the H100)
+# h from a GEMM's columns (not SiLU-mul's parts): 16 warps, 0.15-0.4 us a call less at 32-128 tokens in every workload
+# (one adapter at 32 tokens 4.23 against 4.40); from the parts it lost 0.1-0.2 (bench/NOTES-kernels.md v19)
+NORM_COLUMNS = (16, 16)
 # Past NORM_MANY_TOKENS rows (more than the H100's 132 SMs), the norm's programs come in waves, and at 247 registers a
 # thread NORM's 8 warps fit one program an SM: (warps, rank rows, register cap) then 7.18 against 7.75 us a call at
 # 256 tokens with one adapter, 7.83 against 9.72 with 16, 6.95 against 8.80 at 192 tokens (bench/NOTES-kernels.md v19)
@@ -562,7 +565,8 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
               h: torch.Tensor, fam, tail_pos: torch.Tensor | None = None, num_warps: int | None = None,
               rank_chunk: int | None = None, maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, s): s = x + expand + residual, out = w * rmsnorm(s); one program a row. Launch parameters left
-    None come from NORM, or NORM_MANY past NORM_MANY_TOKENS rows (``maxnreg``: a register cap, 0 for none).
+    None come from NORM (NORM_COLUMNS for h from a GEMM's columns), or NORM_MANY past NORM_MANY_TOKENS rows
+    (``maxnreg``: a register cap, 0 for none).
 
     The expand: x[t] += scaling * sum_p h[p, t, pos(t), 0] @ B[slot(t)], ``fam`` a one-slice
     family, rounded to x's dtype before the residual is added (a norm without LoRA is
@@ -575,8 +579,9 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     _check_h("expand", h, None, t, fam, tail_pos)
     out, s = torch.empty_like(x), torch.empty_like(x)
     many = t > NORM_MANY_TOKENS
-    num_warps = num_warps or (NORM_MANY[0] if many else NORM[0])
-    rank_chunk = rank_chunk or (NORM_MANY[1] if many else NORM[1])
+    few = NORM if h.shape[0] > 1 else NORM_COLUMNS          # (SiLU-mul's parts, or one h)
+    num_warps = num_warps or (NORM_MANY[0] if many else few[0])
+    rank_chunk = rank_chunk or (NORM_MANY[1] if many else few[1])
     maxnreg = (NORM_MANY[2] if many else 0) if maxnreg is None else maxnreg
     if t:
         _norm_lora_kernel[(t,)](
