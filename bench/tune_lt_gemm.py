@@ -7,8 +7,10 @@ the kernel each ran. Llama-3-8B shapes, bf16; rows under a weight as the engine 
 (``worker.model.llama.TAIL_PAD``; rank 16: qkv 48 rows a position, o 16, gate_up 32, down 16).
 
     python bench/tune_lt_gemm.py [--tokens 32] [--kernels]     (results: bench/results/2026-11-24-h100-lt-gemm*.txt)
-    python bench/tune_lt_gemm.py --tokens 256 --one
-                                           (results: bench/results/2026-11-25-h100-lt-gemm-one-256.txt)
+    python bench/tune_lt_gemm.py --tokens 256 --positions 1
+                           (results: bench/results/2026-11-25-h100-lt-gemm-one-256.txt, run as --one: the same shapes)
+    python bench/tune_lt_gemm.py --tokens 32 --positions 1 6
+                           (results: bench/results/2026-11-25-h100-lt-gemm-pads-32.txt)
 """
 import argparse
 import sys
@@ -25,8 +27,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[32, 64, 256])
     ap.add_argument("--kernels", action="store_true", help="every candidate's kernels and graph nodes")
-    ap.add_argument("--one", action="store_true", help="one adapter's rows only (one tail position, padded as "
-                    "the engine may pad it), for steps past 64 tokens")
+    ap.add_argument("--positions", type=int, nargs="+", default=None,
+                    help="instead of the fixed table: the rows of this many tail positions (rank 16: qkv 48 a "
+                    "position, o 16, gate_up 32, down 16), padded to 64, 128 and 256, and the bare shape")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; us a call; "
@@ -37,10 +40,11 @@ def main():
               ("gate_up", 64, 2 * I, H, (0, 128, 512)),
               ("gate_up", 256, 2 * I, H, (0, 1536, 2048)), ("qkv", 256, 6144, H, (0, 2304, 3072)),
               ("o", 256, H, H, (0, 768, 1024)), ("down", 256, H, I, (0, 768, 1024))]
-    if args.one:
-        shapes = [(name, t, n, k, extras) for t in args.tokens for name, n, k, extras in
-                  (("qkv", 6144, H, (0, 64)), ("o", H, H, (0, 64)), ("gate_up", 2 * I, H, (0, 64, 128)),
-                   ("down", H, I, (0, 64, 128, 256)))]
+    if args.positions:
+        shapes = [(name, t, n, k, sorted({0} | {-(-p * rows // pad) * pad for p in args.positions
+                                                 for pad in (64, 128, 256)}))
+                  for t in args.tokens for name, n, k, rows in
+                  (("qkv", 6144, H, 48), ("o", H, H, 16), ("gate_up", 2 * I, H, 32), ("down", H, I, 16))]
     gemm = LtGemm(dev, candidates=16, tune_layers=LAYERS, reps=20)
     for name, t, n, k, extras in [s for s in shapes if s[1] in args.tokens]:
         x = torch.randn(t, k, device=dev).to(dt)
