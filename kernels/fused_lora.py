@@ -579,7 +579,7 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     _check_h("expand", h, None, t, fam, tail_pos)
     out, s = torch.empty_like(x), torch.empty_like(x)
     many = t > NORM_MANY_TOKENS
-    few = NORM if h.shape[0] > 1 else NORM_COLUMNS          # (SiLU-mul's parts, or one h)
+    few = NORM if h.shape[0] > 1 else NORM_COLUMNS          # SiLU-mul's parts, or one h: a GEMM's columns
     num_warps = num_warps or (NORM_MANY[0] if many else few[0])
     rank_chunk = rank_chunk or (NORM_MANY[1] if many else few[1])
     maxnreg = (NORM_MANY[2] if many else 0) if maxnreg is None else maxnreg
