@@ -34,13 +34,6 @@ def smi_samples(path: str) -> list[tuple[float, int, float, str]]:
     return out
 
 
-def corr(xs: list[float], ys: list[float]) -> float:
-    mx, my = st.mean(xs), st.mean(ys)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    return sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
@@ -93,8 +86,12 @@ def main() -> None:
                         xs.append(st.mean(c))
                         ys.append(s[1] / expected[i])
             if len(xs) > 2:
+                try:
+                    r = f"{st.correlation(xs, ys):.2f}"
+                except st.StatisticsError:              # a clock that never moved
+                    r = "undefined (constant)"
                 print(f"batch {batch} base steps: correlation of SM clock with step / median step at that index "
-                      f"{corr(xs, ys):.2f} over {len(xs)} steps")
+                      f"{r} over {len(xs)} steps")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 import triton
 from kernels import fused, fused_lora as fl
 from kernels.lora_meta import LoRAMeta
-from bench.fused_lora_setup import H, I, LAYERS, R, dev, dt, fam, per_call, workload_slots
+from bench.fused_lora_setup import H, I, LAYERS, R, dev, dt, fam, gemm_h, per_call, workload_slots
 from worker.model.llama import TAIL_BUCKETS
 
 SLOTS = 65
@@ -56,9 +56,7 @@ def main():
                 p = torch.randn(I // 64, t, R, device=dev) * 0.01
                 h = p.as_strided((p.shape[0], t, 1, 1, R), (p.stride(0), p.stride(1), 0, R, 1))
             else:
-                tails = fl.LoRATails(1, R, k)
-                tails.out = H
-                h = tails.split(torch.randn(t, H + tails.rows(k), device=dev).to(dt), k)[1]
+                h = gemm_h(H, 1, k, t)
             ref = fl.norm_lora(x[0], res, w, 1e-5, meta, h, f_o[0], tail_pos, *fl.NORM, 0)
             print(f"== {name}: {meta.num_segments} adapters, bucket {k}; engine's (warps, rank chunk[, cap]): "
                   f"{fl.NORM} (h from columns {fl.NORM_COLUMNS}), past {fl.NORM_MANY_TOKENS} rows {fl.NORM_MANY}",
