@@ -101,9 +101,11 @@ def time_replays(engine: Engine) -> list:
     its replay) to the list returned: a step's time split into the host's half and the GPU's."""
     graphs, log = engine.graphs, []
 
-    def run(*args):
+    def run(*args, before_replay=None):
         t0 = time.perf_counter()
         graph, logits = graphs.prepare(*args)
+        if before_replay is not None:
+            before_replay()
         host_ms = (time.perf_counter() - t0) * 1e3
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -128,32 +130,35 @@ def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str | No
     ids = [engine.add_request(None, p, a, params) for p, a in zip(prompts, adapters)]
     first: dict[str, float] = {}
     decode_steps: list[float] = []
-    gpu_steps: list[float] = []
-    steps: list[tuple[float, ...]] = []
+    steps: list[list] = []
     generated = 0
     while engine.has_unfinished():
         s0 = time.perf_counter()
-        pure_decode = all(s.num_tokens - s.num_computed == 1 for s in engine.scheduler.running) and \
+        # (a sequence whose next step is in flight, async_scheduling, has all its tokens computed)
+        pure_decode = all(s.num_tokens - s.num_computed <= 1 for s in engine.scheduler.running) and \
             not engine.scheduler.waiting
-        outs = engine.step()                      # ends in a host read of the sampled tokens: synchronised
+        outs = engine.step()                      # ends in a host read of one step's sampled tokens
         dt = time.perf_counter() - s0
-        split = ()
-        if replays:
-            host_ms, start, end = replays.pop()
+        split = []
+        if replays:                               # the replay this step launched (it may still be running)
+            split = list(replays.pop())
             replays.clear()
-            split = (round(host_ms, 3), round(start.elapsed_time(end), 3))
         if pure_decode and len(engine.scheduler.running) + sum(o.finished for o in outs) == len(ids):
             decode_steps.append(dt)
-            if split:
-                gpu_steps.append(split[1])
-            steps.append((round(time.time() - dt, 4), round(dt * 1e3, 3), *split))
+            steps.append([round(time.time() - dt, 4), round(dt * 1e3, 3), *split])
         for o in outs:
             generated += len(o.new_token_ids)
             if o.request_id not in first and o.new_token_ids:
                 first[o.request_id] = time.perf_counter() - t0
     total = time.perf_counter() - t0
+    sync(engine.device)
+    gpu_steps: list[float] = []
+    for entry in steps:
+        if len(entry) > 2:                        # (host ms of prepare, replay's start and end events)
+            entry[2:] = [round(entry[2], 3), round(entry[3].elapsed_time(entry[4]), 3)]
+            gpu_steps.append(entry[3])
     if trace is not None:
-        trace["steps"] = steps
+        trace["steps"] = [tuple(e) for e in steps]
     decode_steps.sort()
     ttft = sorted(first.values())
     step = decode_steps[len(decode_steps) // 2]
@@ -298,6 +303,9 @@ def main() -> None:
                     "JSON file, to line them up with a clock log (nvidia-smi --query-gpu=timestamp,clocks.sm,...)")
     ap.add_argument("--untuned-gemms", action="store_true",
                     help="the GEMMs on F.linear's own algorithms (EngineConfig.tuned_gemms=False), for an A/B")
+    ap.add_argument("--sync-scheduling", action="store_true",
+                    help="each step waits for its tokens before the next is launched (EngineConfig."
+                         "async_scheduling=False), for an A/B")
     args = ap.parse_args()
     if args.rounds is None:
         args.rounds = 1 if args.smoke else 5
@@ -318,7 +326,7 @@ def main() -> None:
         engine = Engine(d, random_init=True, device=device, dtype=dtype, max_loras=max_batch,
                         max_lora_rank=RANK, max_num_seqs=max_batch, max_num_batched_tokens=8192,
                         max_model_len=max_len, num_blocks=max_batch * (-(-max_len // 16)) + 64,
-                        tuned_gemms=not args.untuned_gemms,
+                        tuned_gemms=not args.untuned_gemms, async_scheduling=not args.sync_scheduling,
                         **({} if args.fused_lora_tokens is None else {"fused_lora_tokens": args.fused_lora_tokens}))
         fused_lora_tokens = engine.model.fused_lora_tokens
         print(f"engine up in {time.perf_counter() - t0:.1f} s (weights {engine.model.w.nbytes() / 1e9:.2f} GB, "
@@ -354,7 +362,8 @@ def main() -> None:
         return
     path = write_result("engine", rows, args.out, copy_TBps=round(copy, 3), model="llama-3-8b-shaped (random)",
                         dtype="bfloat16", prompt_len=args.prompt_len, new_tokens=args.new_tokens, rank=RANK,
-                        fused_lora_tokens=fused_lora_tokens, rounds=args.rounds, tuned_gemms=not args.untuned_gemms)
+                        fused_lora_tokens=fused_lora_tokens, rounds=args.rounds, tuned_gemms=not args.untuned_gemms,
+                        async_scheduling=not args.sync_scheduling)
     print(table(rows, ["system", "workload", "batch", "distinct", "decode_tok_per_s", "tok_per_s", "step_ms_p50",
                        "gpu_step_ms_p50", "ttft_ms_p50", "lora_overhead_pct", "gpu_overhead_pct",
                        "byte_floor_overhead_pct"]))

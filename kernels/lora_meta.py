@@ -30,7 +30,8 @@ class StagedBuffer:
 
     ``put(values)`` writes a host list into the twin and moves it with one
     non-blocking copy, so a step pays no page-locked allocation. The twin is
-    rewritten only on the next ``put``, after the step's own synchronisation.
+    rewritten only on the next ``put``: the engine waits first for an event
+    recorded after the last step's copies (``Engine._launch``).
     The list goes into the twin through a ctypes array over its memory: a
     step puts about ten lists, and ``torch.tensor(list)`` cost 25-35 us each on
     the H100's host, more than the rest of the step's host work

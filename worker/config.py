@@ -30,6 +30,9 @@ class EngineConfig:
     host_cache_bytes: int = 8 << 30     # adapters kept in host memory (LRU); the rest reload from disk
     pinned_host_bytes: int = 1 << 30    # of which page-locked once at start-up (CUDA), for stall-free loads
     cuda_graphs: bool = True            # replay decode steps from captured graphs (CUDA only)
+    async_scheduling: bool = True       # launch the next decode step before the host has read this one's
+                                        # tokens (they feed it on the device), so the host's per-step work
+                                        # overlaps the GPU's; a sequence that stops early costs one wasted row
     fused_lora_tokens: int = 256        # steps of at most this many tokens fold LoRA into the base GEMMs and
                                         # the norm, rotary and SiLU-mul kernels (Triton backends only) when
                                         # they have at most 64 adapters; costs min(max_loras, this, 64)
@@ -54,7 +57,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise OpenLoRAError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("cuda_graphs", "tuned_gemms"):
+        for name in ("cuda_graphs", "tuned_gemms", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise OpenLoRAError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.gemm_tuning_cache, str):

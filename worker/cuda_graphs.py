@@ -87,9 +87,13 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def run(self, ids: list[int], positions: list[int], slot_mapping: list[int], block_tables: list[list[int]],
-            context_lens: list[int], token_slots: list[int]) -> torch.Tensor:
-        """Logits [len(ids), vocab] of one decode step (one new token per sequence)."""
+            context_lens: list[int], token_slots: list[int], before_replay=None) -> torch.Tensor:
+        """Logits [len(ids), vocab] of one decode step (one new token per sequence). ``before_replay()``, if
+        given, runs between staging the inputs and the replay (the engine writes token ids the device
+        sampled into ``buffers.input_ids`` there)."""
         graph, logits = self.prepare(ids, positions, slot_mapping, block_tables, context_lens, token_slots)
+        if before_replay is not None:
+            before_replay()
         graph.replay()
         self.replays += 1
         return logits

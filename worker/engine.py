@@ -1,12 +1,14 @@
 """The engine: add requests, step, stream; ``generate`` for offline use in one process.
 
-``step()`` reads top to bottom: schedule, build the step's inputs, run the model,
-sample, post-process (stop checks, detokenize, free what finished).
+``step()`` reads top to bottom: schedule, launch (build the step's inputs, run the model, queue the
+sampling), then, with ``async_scheduling``, launch the next decode step ahead, and post-process the
+launched step (stop checks, detokenize, free what finished).
 """
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from worker.model.weights import load_weights, random_weights
 from worker.model_ops import make_ops
 from worker.outputs import CompletionOutput, RequestOutput
 from worker.postprocess import finish_output, process_sampled
-from worker.sampler import prompt_logprobs, sample
+from worker.sampler import Sampled, prompt_logprobs, sample_async, to_device
 from worker.sampling_params import SamplingParams
 from worker.scheduler import ScheduledSeq, Scheduler
 from worker.scoring import LoglikScore, encode_pair, loglik, score_params
@@ -34,6 +36,16 @@ from worker.sequence import Sequence
 from worker.step_inputs import StepBuffers
 
 __all__ = ["Engine", "SamplingParams", "EngineConfig"]
+
+
+@dataclass(eq=False)
+class _Launched:
+    """A step queued on the device: its logits, the prompt-logprob rows, the sequences it samples for (in row
+    order) and the sampling, read back by ``Engine._finish``."""
+    logits: torch.Tensor
+    prompt_rows: dict[ScheduledSeq, tuple[int, int, int]]
+    sampled_seqs: list[ScheduledSeq]
+    sampled: Sampled | None
 
 
 class Engine:
@@ -67,6 +79,9 @@ class Engine:
             self.graphs.capture(progress)
         self.seqs: dict[str, Sequence] = {}
         self._aborted: list[RequestOutput] = []
+        self._in_flight: _Launched | None = None    # launched ahead (async_scheduling), not yet post-processed
+        self._staged: torch.cuda.Event | None = None  # recorded after the last launch's input copies
+        self.ahead_steps = 0                        # steps launched ahead of their inputs' host read
 
     # -- adapters ----------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str | Path) -> LoRAAdapter:
@@ -168,35 +183,106 @@ class Engine:
                 "host_misses": self.adapters.misses, "host_loads": self.adapters.loads}
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
+        """Run one step and return the outputs of one step.
+
+        With ``async_scheduling``, a decode step of the sequences that the step just run samples for is
+        launched before that step's tokens reach the host (they feed it on the device), and the host then
+        processes the earlier step while the device runs the new one: the host's work (stop checks,
+        outputs, scheduling, staging inputs) overlaps the device's instead of adding to it. Such a step
+        returns the outputs of the step before it; a sequence that the earlier step finishes (EOS, a stop
+        string, an abort) has a row in the step in flight whose token is dropped.
+        """
         outputs, self._aborted = self._aborted, []
-        scheduled = self.scheduler.schedule()
-        outputs += self._report_failed_loads()
-        if not scheduled:
-            if self.scheduler.waiting:
-                time.sleep(0.001)       # only loads are pending: do not spin
-            return outputs
-        logits, prompt_rows, sample_rows = self._run_model(scheduled)
-        for sch, (lo, hi, first_target) in prompt_rows.items():
-            seq = sch.seq
-            targets = [seq.prompt_ids[first_target + j] for j in range(hi - lo)]
-            seq.prompt_logprobs.extend(prompt_logprobs(logits[lo:hi], targets, seq.params.prompt_logprobs))
+        done = self._in_flight
+        if done is None:
+            scheduled = self.scheduler.schedule()
+            outputs += self._report_failed_loads()
+            if not scheduled:
+                if self.scheduler.waiting:
+                    time.sleep(0.001)       # only loads are pending: do not spin
+                return outputs
+            done = self._launch(scheduled)
+        self._in_flight = self._launch_ahead(done) if self.config.async_scheduling else None
+        return outputs + self._finish(done)
+
+    def _launch(self, scheduled: list[ScheduledSeq], feed: tuple[torch.Tensor, list[int]] | None = None) -> _Launched:
+        """Queue one forward pass and its sampling on the device. ``feed``: (sampled tokens of the step in
+        flight, the row of each of this step's input tokens in them), for a step from ``schedule_ahead``."""
+        lists, prompt_rows, sample_rows = self._build_inputs(scheduled)
+        ids, pos, slots_map, tables, ctx, q_lens, token_slots, logits_idx = lists
+        if self._staged is not None:
+            self._staged.synchronize()      # the last step's input copies are done: their host twins are free
+
+        def before_run():
+            if feed is not None:
+                self.buffers.feed_tokens(*feed)
+            if self.device.type == "cuda":
+                self._staged = torch.cuda.Event()
+                self._staged.record()
+
+        if self.graphs is not None and max(q_lens) == 1 and not prompt_rows and len(ids) <= self.graphs.max_batch:
+            logits = self.graphs.run(ids, pos, slots_map, tables, ctx, token_slots, before_replay=before_run)
+        else:
+            inputs = self.buffers.fill(ids, pos, slots_map, tables, ctx, q_lens, logits_idx, token_slots)
+            before_run()
+            hidden = self.model.forward(inputs, self.kv.layers)
+            logits = self.model.logits(hidden[inputs.logits_idx])
         for sch in scheduled:
             sch.seq.num_computed += sch.num_new
+        sampled = None
         if sample_rows:
             seqs = [s.seq for s in sample_rows]
             rows = list(sample_rows.values())
-            if rows != list(range(logits.shape[0])):
-                logits = logits[torch.tensor(rows, device=logits.device)]
-            tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-            for seq, tok, lp in zip(seqs, tokens, lps):
-                out = process_sampled(seq, tok, lp, self.tokenizer, self.max_model_len)
-                if out.finished:
-                    self.scheduler.finish(seq)
-                    self.seqs.pop(seq.request_id, None)
-                outputs.append(out)
+            picked = logits if rows == list(range(logits.shape[0])) else logits[to_device(rows, logits.device)]
+            sampled = sample_async(picked, [s.params for s in seqs], [s.generator for s in seqs])
+        return _Launched(logits, prompt_rows, list(sample_rows), sampled)
+
+    def _launch_ahead(self, done: _Launched) -> _Launched | None:
+        """Launch the next decode step of every running sequence while ``done`` is still on the device, if
+        ``done`` samples a token for each of them and the scheduler can take them as they are; None if not."""
+        if done.sampled is None:
+            return None
+        # (rows of sequences that finished while ``done`` was queued, by a stop or an abort, are skipped)
+        row = {sch.seq: i for i, sch in enumerate(done.sampled_seqs) if not sch.seq.finished}
+        running = self.scheduler.running
+        if len(row) != len(running) or any(s not in row for s in running):
+            return None
+        # in ``done``'s order (the scheduler's): the same rows as a step scheduled after it would have
+        seqs = [s for s in row if not self._ends_by_length(s)]
+        scheduled = self.scheduler.schedule_ahead(seqs)
+        if scheduled is None:
+            return None
+        self.ahead_steps += 1
+        return self._launch(scheduled, (done.sampled.tokens, [row[s] for s in seqs]))
+
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        """Whether the token being sampled for ``seq`` finishes it by length (``process_sampled``)."""
+        return len(seq.output_ids) + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.max_model_len
+
+    def _finish(self, done: _Launched) -> list[RequestOutput]:
+        """Wait for a launched step's results and post-process them: prompt logprobs, then each sampled
+        token (stop checks, detokenizing, freeing what finished). Rows of sequences that finished since
+        the step was launched are dropped."""
+        outputs: list[RequestOutput] = []
+        for sch, (lo, hi, first_target) in done.prompt_rows.items():
+            seq = sch.seq
+            targets = [seq.prompt_ids[first_target + j] for j in range(hi - lo)]
+            seq.prompt_logprobs.extend(prompt_logprobs(done.logits[lo:hi], targets, seq.params.prompt_logprobs))
+        if done.sampled is None:
+            return outputs
+        tokens, lps = done.sampled.result()
+        for sch, tok, lp in zip(done.sampled_seqs, tokens, lps):
+            seq = sch.seq
+            if seq.finished:
+                continue
+            out = process_sampled(seq, tok, lp, self.tokenizer, self.max_model_len)
+            if out.finished:
+                self.scheduler.finish(seq)
+                self.seqs.pop(seq.request_id, None)
+            outputs.append(out)
         return outputs
 
     def _report_failed_loads(self) -> list[RequestOutput]:
@@ -287,16 +373,6 @@ class Engine:
             ids.add(self.tokenizer.eos_token_id)
         return tuple(ids)
 
-    def _run_model(self, scheduled: list[ScheduledSeq]):
-        """One forward pass; returns (logits of the rows that need them, prompt-logprob rows, sampling rows)."""
-        lists, prompt_rows, sample_rows = self._build_inputs(scheduled)
-        ids, pos, slots_map, tables, ctx, q_lens, token_slots, logits_idx = lists
-        if self.graphs is not None and max(q_lens) == 1 and not prompt_rows and len(ids) <= self.graphs.max_batch:
-            return self.graphs.run(ids, pos, slots_map, tables, ctx, token_slots), prompt_rows, sample_rows
-        inputs = self.buffers.fill(ids, pos, slots_map, tables, ctx, q_lens, logits_idx, token_slots)
-        hidden = self.model.forward(inputs, self.kv.layers)
-        return self.model.logits(hidden[inputs.logits_idx]), prompt_rows, sample_rows
-
     def _build_inputs(self, scheduled: list[ScheduledSeq]):
         bs = self.config.block_size
         ids, pos, slots_map, tables, ctx, q_lens, token_slots, logits_idx = [], [], [], [], [], [], [], []
@@ -306,7 +382,7 @@ class Engine:
             seq, start, n = sch.seq, sch.seq.num_computed, sch.num_new
             row0 = len(ids)
             for p in range(start, start + n):
-                ids.append(seq.token_at(p))
+                ids.append(0 if sch.ahead else seq.token_at(p))     # ahead: fed on the device
                 pos.append(p)
                 slots_map.append(seq.block_table[p // bs] * bs + p % bs)
             tables.append(seq.block_table)

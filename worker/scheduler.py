@@ -36,11 +36,12 @@ from worker.sequence import Sequence, Status
 class ScheduledSeq:
     seq: Sequence
     num_new: int        # tokens computed this step, from seq.num_computed
+    ahead: bool = False  # a decode of the token that the step still in flight samples (``schedule_ahead``)
 
     @property
     def completes(self) -> bool:
         """After this step every known token of the sequence is in the cache: sample the next one."""
-        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+        return self.ahead or self.seq.num_computed + self.num_new == self.seq.num_tokens
 
 
 class Scheduler:
@@ -84,6 +85,21 @@ class Scheduler:
         self._run(out, batch, [])
         self._admit(out)
         return out
+
+    def schedule_ahead(self, seqs: list[Sequence]) -> list[ScheduledSeq] | None:
+        """A decode step for ``seqs`` while the step that samples their next tokens is still on the device:
+        one token each, at position ``num_computed`` (that step's count). None, and nothing scheduled, where
+        it could not run as planned: requests are waiting (they are admitted by ``schedule``, which may load
+        adapters into slots the step in flight still reads), the budget is short, or KV blocks run out
+        (``schedule`` preempts; this does not)."""
+        if self.waiting or not seqs or len(seqs) > self.budget:
+            return None
+        need = sum(max(self.kv.blocks_for(s.num_computed + 1) - len(s.block_table), 0) for s in seqs)
+        if need > self.kv.allocator.num_free:
+            return None
+        for s in seqs:
+            self._reserve(s, 1)
+        return [ScheduledSeq(s, 1, ahead=True) for s in seqs]
 
     def _run(self, out: list[ScheduledSeq], queue: list[Sequence], spare: list[Sequence]) -> bool:
         """Schedule running sequences in order; when KV blocks run out, preempt from ``spare``

@@ -43,6 +43,17 @@ class StepBuffers:
         self.context_lens = StagedBuffer(max_seqs, torch.int32, device)
         self.cu_seqlens_q = StagedBuffer(max_seqs + 1, torch.int32, device)
         self.lora = LoRAMeta.allocate(max_tokens, max_loras, device)
+        # a step scheduled ahead: which row of the step in flight sampled each of its input tokens
+        self.ahead_rows = StagedBuffer(max_seqs, torch.int64, device)
+
+    def feed_tokens(self, tokens: torch.Tensor, rows: list[int]) -> None:
+        """Input token i of the step being staged := ``tokens[rows[i]]``, on the device (``tokens``: a step
+        in flight's samples, not yet on the host)."""
+        ids = self.input_ids.device[: len(rows)]
+        if rows == list(range(tokens.shape[0])):
+            ids.copy_(tokens)
+        else:
+            torch.index_select(tokens, 0, self.ahead_rows.put(rows), out=ids)
 
     def fill(self, input_ids: list[int], positions: list[int], slot_mapping: list[int],
              block_tables: list[list[int]], context_lens: list[int], q_lens: list[int],

@@ -184,8 +184,9 @@ class AdapterSlots:
                 d.copy_(s_)
             self._sync_ranks()
             return
-        # the step that last used this slot has finished (each step ends in a host sync), so the
-        # copy may start at once; steps that follow use the slot only after `ready`
+        # the step that last used this slot has finished (loads start from ``Scheduler.schedule``, which
+        # the engine runs only with no step in flight: steps launched ahead admit nothing), so the copy
+        # may start at once; steps that follow use the slot only after `ready`
         with torch.cuda.stream(self._copy_stream):
             for d, s_ in zip(dst, src):
                 d.copy_(s_, non_blocking=True)
