@@ -329,8 +329,6 @@ def main() -> None:
                         tuned_gemms=not args.untuned_gemms, async_scheduling=not args.sync_scheduling,
                         **({} if args.fused_lora_tokens is None else {"fused_lora_tokens": args.fused_lora_tokens}))
         fused_lora_tokens = engine.model.fused_lora_tokens
-        # (tokens, tail positions) -> the pad of gate/up's extra rows each fused decode graph took (tuned GEMMs)
-        gate_up_pads = {f"{t}x{k}": p for (t, k), p in sorted(getattr(engine.model, "gate_up_pads", {}).items())}
         print(f"engine up in {time.perf_counter() - t0:.1f} s (weights {engine.model.w.nbytes() / 1e9:.2f} GB, "
               f"{engine.kv.allocator.num_blocks} KV blocks, graphs: {engine.graphs and engine.graphs.buckets})",
               flush=True)
@@ -365,7 +363,7 @@ def main() -> None:
     path = write_result("engine", rows, args.out, copy_TBps=round(copy, 3), model="llama-3-8b-shaped (random)",
                         dtype="bfloat16", prompt_len=args.prompt_len, new_tokens=args.new_tokens, rank=RANK,
                         fused_lora_tokens=fused_lora_tokens, rounds=args.rounds, tuned_gemms=not args.untuned_gemms,
-                        async_scheduling=not args.sync_scheduling, gate_up_pads=gate_up_pads)
+                        async_scheduling=not args.sync_scheduling)
     print(table(rows, ["system", "workload", "batch", "distinct", "decode_tok_per_s", "tok_per_s", "step_ms_p50",
                        "gpu_step_ms_p50", "ttft_ms_p50", "lora_overhead_pct", "gpu_overhead_pct",
                        "byte_floor_overhead_pct"]))

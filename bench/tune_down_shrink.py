@@ -22,7 +22,7 @@ from kernels import fused_lora as fl
 from kernels.lora_meta import LoRAMeta
 from bench.fused_lora_setup import H, I, R, dev, dt, fam as setup_fam, workload_slots
 from bench.kernels import graphed, median_us
-from worker.model.llama import GATE_UP_PAD, TAIL_BUCKETS
+from worker.model.llama import TAIL_BUCKETS, TAIL_PAD
 
 LAYERS, SLOTS = 16, 65                                   # 64 tail positions
 
@@ -65,7 +65,7 @@ def main():
             slots = workload_slots(kind, t, SLOTS, int(seed or 0))
             meta = LoRAMeta.allocate(t, SLOTS, dev).fill(slots)
             k = next(b for b in TAIL_BUCKETS if b >= meta.num_segments)
-            t_gu = tails(2, 2 * I, H, k, GATE_UP_PAD)
+            t_gu = tails(2, 2 * I, H, k, TAIL_PAD["gate_up"])
 
             def in_silu(i):
                 y, h = t_gu.split(F.linear(x, t_gu.weight(i, k)[0]), k)

@@ -273,16 +273,6 @@ class LtGemm:
             return F.linear(x, w)
         return self.run(x, w, torch.empty(shape.m, shape.n, dtype=x.dtype, device=x.device), self.plans[shape], pick)
 
-    def best_us(self, x: torch.Tensor, w: torch.Tensor) -> float:
-        """us a call of F.linear(x, w)'s shape on its chosen algorithm, as ``tune`` timed it (in this process,
-        or when the cache's entry was made); inf for a shape never timed."""
-        shape = shape_of(x, w)
-        if shape in self.timings:
-            return min(t for _, t in self.timings[shape])
-        entry = self.cache.entries.get(shape.name()) if self.cache is not None else None
-        us = entry.get("us") if isinstance(entry, dict) else None
-        return float(us) if isinstance(us, (int, float)) and not isinstance(us, bool) else float("inf")
-
     def _from_cache(self, x: torch.Tensor, w: torch.Tensor, shape: Shape) -> bool:
         """Take the cache's choice for ``shape`` if it has one that still passes ``tune``'s checks (matches
         F.linear on random inputs, one graph node); False: tune it."""

@@ -143,25 +143,3 @@ def test_async_scheduling_on_gpu_gives_what_sync_gives(tiny):
                                                                           for lp in o.logprobs or []]) for o in outs])
     assert runs[True][0] == runs[False][0] == runs[False][1]
     assert engine.kv.allocator.num_free == free and not engine.seqs
-
-
-def test_gate_up_pad_is_the_fastest_tuned_shape(tiny):
-    """With tuned GEMMs each fused decode graph's gate/up shape is timed at every pad of its extra rows and
-    runs the fastest; the tuned choices hold after a restart that takes them from the tuning cache."""
-    from worker.model.llama import GATE_UP_PADS
-
-    def check(engine):
-        m = engine.model
-        assert m.gate_up_pads and set(m.gate_up_pads.values()) <= set(GATE_UP_PADS)
-        for (t, k), pad in m.gate_up_pads.items():
-            x = torch.empty(t, m.cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
-            us = {p: m.gemm.best_us(x, m.tails["gate_up"].weight(0, k, p)[0]) for p in GATE_UP_PADS}
-            assert us[pad] == min(us.values()) < float("inf")
-        return dict(m.gate_up_pads)
-
-    prompts, adapters = workload(seed=17, n=8)
-    first = gpu_engine(tiny, dtype=torch.bfloat16)
-    chosen, outs = check(first), first.generate(prompts, adapters, GREEDY)
-    again = gpu_engine(tiny, dtype=torch.bfloat16)        # the same tuning cache: choices taken, not timed
-    assert check(again) == chosen
-    assert [o.token_ids for o in again.generate(prompts, adapters, GREEDY)] == [o.token_ids for o in outs]

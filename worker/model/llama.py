@@ -20,13 +20,7 @@ from worker.step_inputs import StepInputs
 # rows under each base weight come in multiples of these (where cuBLAS keeps its fast kernel for the
 # shape; bench/NOTES-kernels.md; down's at 256 tokens through F.linear: 57.4 us bare, 67.6 with 64 extra rows,
 # 55.4 with 256; a step may read fewer rows in multiples of a divisor, DOWN_PAD_*)
-TAIL_PAD = {"qkv": 64, "o": 64, "gate_up": 256, "down": 256}
-# gate/up's rows are padded to GATE_UP_PAD on F.linear (and for step shapes never tuned); with tuned GEMMs each
-# fused step shape is timed at every pad of GATE_UP_PADS and takes the fastest (``_gate_up_pad``): which padded
-# shape cuBLASLt has a fast kernel for differs by machine (32 tokens, one adapter: +128 rows 85.4 us on v17's,
-# 87.2 on another, where +64 took 85.2 and +256 85.7; bare 84.3; bench/NOTES-kernels.md v21)
-GATE_UP_PAD = 128
-GATE_UP_PADS = (64, 128, 256)
+TAIL_PAD = {"qkv": 64, "o": 64, "gate_up": 128, "down": 256}
 # tail positions a fused step's GEMMs read, its adapters rounded up to one of these: powers of two and the
 # steps between them (a step's GEMMs read every position of its bucket; with powers of two alone, batch 256's
 # 47 Skewed adapters read 64 adapters' A rows); each is one more captured graph a batch bucket
@@ -89,7 +83,6 @@ class LlamaModel:
             self.tail_pos = StagedBuffer(lora.num_slots, torch.int32, weights.embed.device)  # slot -> position
             self._pos_of = [0] * lora.num_slots                                                 # its host copy
             self._stage_key: tuple | None = None     # (bucket, slots, their generations) of the last staging
-            self.gate_up_pads: dict[tuple[int, int], int] = {}   # (tokens, tail bucket) -> pad, where timed
         device = weights.embed.device
         pos = torch.arange(cfg.max_context, device=device, dtype=torch.float32)
         freqs = torch.outer(pos, cfg.inv_freq().to(device))
@@ -227,8 +220,7 @@ class LlamaModel:
             attn = self._attend(q, kk, v, kv_caches[i], s)
             o, h_o = o_t.split(self._linear(attn, *o_t.weight(i, k), peers=self._peers(o_t, k)), k)
             h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"], pos)
-            gu_pad = self._gate_up_pad(h, i, k)
-            gu, h_gu = gu_t.split(self._linear(h, *gu_t.weight(i, k, gu_pad), peers=self._peers(gu_t, k, gu_pad)), k)
+            gu, h_gu = gu_t.split(self._linear(h, *gu_t.weight(i, k), peers=self._peers(gu_t, k)), k)
             down_fam = None if down_t else fam["down"]
             if dense:
                 act, h_down = self.dense.silu_mul_lora_dense(gu, meta, h_gu, fam["gate_up"], down_fam, pos,
@@ -243,26 +235,6 @@ class LlamaModel:
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
             h, residual = fl.norm_lora(d, residual, next_norm, eps, meta, h_down, fam["down"], pos)
         return h
-
-    def _gate_up_pad(self, h: torch.Tensor, layer: int, positions: int) -> int:
-        """The pad of gate/up's extra rows for a fused step of ``h.shape[0]`` tokens over ``positions`` tail
-        positions: while the GEMMs are being tuned (a capture's warm-up), each of GATE_UP_PADS is tuned and the
-        fastest shape's pad kept (a tie: the smaller); otherwise the kept one, or GATE_UP_PAD."""
-        key = (h.shape[0], positions)
-        pad = self.gate_up_pads.get(key)
-        if pad is not None:
-            return pad
-        if self.gemm is None or not self.gemm.tuning or (h.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return GATE_UP_PAD
-        tails, us = self.tails["gate_up"], {}
-        for p in GATE_UP_PADS:
-            w = tails.weight(layer, positions, p)[0]
-            self.gemm.linear(h, w, peers=self._peers(tails, positions, p))     # tunes the shape
-            us[p] = self.gemm.best_us(h, w)
-        if min(us.values()) == float("inf"):                # not a shape cuBLASLt takes: F.linear's pad
-            return GATE_UP_PAD
-        pad = self.gate_up_pads[key] = min(GATE_UP_PADS, key=us.get)
-        return pad
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, peers=None) -> torch.Tensor:
         """F.linear(x, w, bias), on the cuBLASLt algorithm tuned for its shape where there is one (``gemm``);
