@@ -130,6 +130,25 @@ def test_a_request_arriving_mid_flight_gets_in(tiny):
     assert late == alone
 
 
+def test_a_full_batch_keeps_launching_ahead_while_requests_wait(tiny):
+    """Saturated: max_num_seqs running and more waiting. Nothing could be admitted anyway, so steps still go
+    ahead; each waiting request gets in once a running one finishes, and every output is as without it."""
+    p = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (6, 9, 4, 7, 5)]
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12], [13, 14], [15, 16, 17]]
+    expected = [o.token_ids for o in make_engine(tiny, async_scheduling=False).generate(prompts, "ad2", p)]
+    engine = make_engine(tiny, max_num_seqs=2)
+    ids = [engine.add_request(None, q, "ad2", sp) for q, sp in zip(prompts, p)]
+    got, ahead_while_waiting = {i: [] for i in ids}, 0
+    while engine.has_unfinished():
+        before, waiting = engine.ahead_steps, bool(engine.scheduler.waiting)
+        for o in engine.step():
+            got[o.request_id] += o.new_token_ids
+        ahead_while_waiting += waiting and engine.ahead_steps > before
+        assert len(engine.scheduler.running) <= 2
+    assert ahead_while_waiting >= 8
+    assert [got[i] for i in ids] == expected
+
+
 def test_kv_blocks_running_out_falls_back_to_preemption(tiny):
     """Too few KV blocks for everyone's full length: scheduling ahead declines, ``schedule`` preempts, and
     the outputs are those of unhurried runs."""

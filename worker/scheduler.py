@@ -89,10 +89,10 @@ class Scheduler:
     def schedule_ahead(self, seqs: list[Sequence]) -> list[ScheduledSeq] | None:
         """A decode step for ``seqs`` while the step that samples their next tokens is still on the device:
         one token each, at position ``num_computed`` (that step's count). None, and nothing scheduled, where
-        it could not run as planned: requests are waiting (they are admitted by ``schedule``, which may load
-        adapters into slots the step in flight still reads), the budget is short, or KV blocks run out
-        (``schedule`` preempts; this does not)."""
-        if self.waiting or not seqs or len(seqs) > self.budget:
+        it could not run as planned: requests wait that ``schedule`` could admit (admission may load adapters
+        into slots the step in flight still reads; with the batch full it admits nothing), the budget is short,
+        or KV blocks run out (``schedule`` preempts; this does not)."""
+        if (self.waiting and len(self.running) < self.max_num_seqs) or not seqs or len(seqs) > self.budget:
             return None
         need = sum(max(self.kv.blocks_for(s.num_computed + 1) - len(s.block_table), 0) for s in seqs)
         if need > self.kv.allocator.num_free:
