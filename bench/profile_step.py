@@ -133,6 +133,7 @@ def main() -> None:
         rng = random.Random(0)
         workloads = {w: [-1] * b if w == "base" else [slot[i] for i in workload(w, b, rng)] for w in args.workloads}
         rows = []
+        gemm_timings: dict[str, list[float]] = {}   # "MxNxK": us a call, F.linear then each candidate (tuning)
         for path in args.paths:
             engine.model.fused_lora_tokens = path
             graphs = DecodeGraphs(engine.model, engine.kv, engine.buffers, b)
@@ -144,6 +145,7 @@ def main() -> None:
                 print(f"GEMM [{shape.m}, {shape.k}] x [{shape.n}, {shape.k}]: F.linear {times[0][1]:.2f} us, picked "
                       f"#{pick} {times[pick][1]:.2f}; candidates " + " ".join(f"{t:.1f}" for _, t in times[1:]),
                       flush=True)
+                gemm_timings[f"{shape.m}x{shape.n}x{shape.k}"] = [round(t, 2) for _, t in times]
             for w, token_slots in workloads.items():
                 run_args = ([1] * b, [ctx - 1] * b, mapping, tables, [ctx] * b, token_slots)
                 ms = replay_ms(graphs, run_args)
@@ -165,7 +167,8 @@ def main() -> None:
             torch.cuda.empty_cache()
         if args.out:
             print("wrote", write_result("profile-step", rows, args.out, model="llama-3-8b-shaped (random)",
-                                        dtype="bfloat16", rank=RANK, tuned_gemms=not args.untuned_gemms))
+                                        dtype="bfloat16", rank=RANK, tuned_gemms=not args.untuned_gemms,
+                                        gemm_timings=gemm_timings))
 
 
 if __name__ == "__main__":

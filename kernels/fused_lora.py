@@ -703,11 +703,14 @@ class LoRATails:
         self.bias.append(None if bias is None else torch.cat((bias, bias.new_zeros(self.extra))))
         return e[: self.out]
 
-    def weight(self, layer: int, positions: int, pad: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight, bias) of layer ``layer`` with the A rows of the first ``positions`` positions (``rows``)."""
+    def weight(self, layer: int, positions: int, pad: int | None = None,
+               min_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of layer ``layer`` with the A rows of the first ``positions`` positions (``rows``), or
+        ``min_rows`` extra rows if more, as far as the tails reach (where cuBLAS has a faster kernel for a
+        taller shape: the rows past the step's positions give h columns that no one reads)."""
         if not 1 <= positions <= self.positions:
             raise ValueError(f"positions must be in [1, {self.positions}], got {positions}")
-        end = self.out + self.rows(positions, pad)
+        end = self.out + min(max(self.rows(positions, pad), min_rows), self.extra)
         b = self.bias[layer]
         return self.ext[layer][:end], None if b is None else b[:end]
 

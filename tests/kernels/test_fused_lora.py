@@ -305,6 +305,12 @@ def test_tails_hold_the_base_weight_and_several_adapters(seed, rel_err, pad):
         assert hk.shape[2] == k and torch.equal(hk, h[:, :, :k])
         with pytest.raises(ValueError, match="tail positions"):
             tails.split(F.linear(x, wk, bk), h.shape[2] + 1)
+    # more rows than the positions need (a faster GEMM shape): the same projection and h, up to the tails' end
+    wk, _ = tails.weight(1, 1, min_rows=2 * 3 * r)
+    assert wk.shape[0] == n_out + max(tails.rows(1), 2 * 3 * r)
+    y, h = tails.split(F.linear(x, wk), 1)
+    assert rel_err(y, x @ w[1].T) <= 1e-6 and rel_err(h[0, :, :1], torch.einsum("tc,pirc->tpir", x, a[:1])) <= 1e-6
+    assert tails.weight(1, 1, min_rows=10 ** 6)[0].shape[0] == n_out + tails.extra
     y0, _ = tails.split(F.linear(x, *tails.weight(0, 4)))
     assert rel_err(y0, x @ w[0].T + bias[0]) <= 1e-6
     with pytest.raises(ValueError, match="every layer"):

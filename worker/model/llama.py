@@ -37,6 +37,12 @@ DOWN_PAD_FEW_TOKENS = 128   # down's extra rows in steps of at most MANY_TOKENS 
 # past MANY_TOKENS on the tuned GEMMs (``LtGemm``): at 256 tokens the bare shape 53.3 us, +64 rows 53.8, +128 54.5,
 # +256 55.0 (bench/results/2026-11-25-h100-lt-gemm-one-256.txt); F.linear alone keeps TAIL_PAD's 256 (+64: 67.5)
 DOWN_PAD_MANY_TOKENS = 64
+# gate/up's extra rows in steps of at most MANY_TOKENS tokens: more than 128 and up to this many read this many (the
+# rows past the step's positions give h columns no one reads). At 32 tokens cuBLAS ran +256 rows at 85.6-87.6 us at
+# best, and on the heuristic's first pick 87.6-89.9, but +384 at 85.1-85.3 on all three machines probed (bare
+# 84.3). The engine bench, batch 32, one machine: Uniform (6 adapters, 192 rows) 9.1 -> 7.0%
+# (bench/NOTES-kernels.md v22)
+GATE_UP_SPAN_FEW_TOKENS = 384
 
 
 class LlamaModel:
@@ -209,6 +215,8 @@ class LlamaModel:
         down_t = self.tails["down"] if self.down_in_gemm(t, k) else None
         down_pad = DOWN_PAD_FEW_TOKENS if t <= fl.MANY_TOKENS else \
             DOWN_PAD_MANY_TOKENS if self.gemm is not None else None
+        gu_rows = GATE_UP_SPAN_FEW_TOKENS if t <= fl.MANY_TOKENS and \
+            TAIL_PAD["gate_up"] < gu_t.rows(k) <= GATE_UP_SPAN_FEW_TOKENS else 0
         dense = k <= self.b_tails.positions and self.dense.takes(k, self.lora.max_rank, t, self.w.embed.dtype)
         h, residual = self.ops.add_rms_norm(F.embedding(s.input_ids, self.w.embed), None, layers[0].input_norm, eps)
         for i, layer in enumerate(layers):
@@ -220,7 +228,8 @@ class LlamaModel:
             attn = self._attend(q, kk, v, kv_caches[i], s)
             o, h_o = o_t.split(self._linear(attn, *o_t.weight(i, k), peers=self._peers(o_t, k)), k)
             h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"], pos)
-            gu, h_gu = gu_t.split(self._linear(h, *gu_t.weight(i, k), peers=self._peers(gu_t, k)), k)
+            gu, h_gu = gu_t.split(self._linear(h, *gu_t.weight(i, k, min_rows=gu_rows),
+                                               peers=self._peers(gu_t, k, min_rows=gu_rows)), k)
             down_fam = None if down_t else fam["down"]
             if dense:
                 act, h_down = self.dense.silu_mul_lora_dense(gu, meta, h_gu, fam["gate_up"], down_fam, pos,
@@ -243,8 +252,8 @@ class LlamaModel:
             return F.linear(x, w, bias)
         return self.gemm.linear(x, w, peers)
 
-    def _peers(self, tails, positions: int, pad: int | None = None):
-        return lambda: [tails.weight(j, positions, pad)[0] for j in range(len(self.w.layers))]
+    def _peers(self, tails, positions: int, pad: int | None = None, min_rows: int = 0):
+        return lambda: [tails.weight(j, positions, pad, min_rows)[0] for j in range(len(self.w.layers))]
 
     @contextmanager
     def tuning(self):
