@@ -8,7 +8,8 @@ explains the moves.
     python bench/step_trace.py trace.json [--smi smi.csv] [--chunk 16]
 
 Output (ms, medians): per run, step = prepare + gpu + rest, then the per-chunk medians of gpu and rest; the GPU
-overhead of each workload over the base runs; with --smi, each run's SM clock and the correlation of base steps'
+overhead of each workload over the base runs; each workload's overheads over its bracketing base runs, as
+bench/engine.py reports them; with --smi, each run's SM clock and the correlation of base steps'
 time (over the median base step at the same index: the context grows along a run) with the clock.
 """
 from __future__ import annotations
@@ -34,6 +35,28 @@ def smi_samples(path: str) -> list[tuple[float, int, float, str]]:
     return out
 
 
+def bracketed_overheads(runs: list[dict], split: bool) -> None:
+    """Each workload's overhead as ``bench/engine.py`` reports it: per round, its median step over the mean of the
+    base runs before and after it, then the median over rounds; by whole step and, with a split, by GPU time.
+    (A run cut short before writing its JSON leaves these in its trace.)"""
+    def step_median(r: dict, i: int) -> float:
+        v = sorted(s[i] for s in r["steps"] if len(s) > i)
+        return v[len(v) // 2] if i == 1 else st.median(v)       # (engine.py: the sorted middle step, median GPU)
+
+    for batch in sorted({r["batch"] for r in runs}):
+        base = {r["round"]: r for r in runs if r["batch"] == batch and r["workload"] == "base"}
+        rows: dict[tuple[str, str], list[float]] = {}
+        for r in runs:
+            if r["batch"] != batch or r["workload"] == "base" or {r["round"] - 1, r["round"]} - set(base):
+                continue
+            for i, what in ((1, "step"), (3, "gpu"))[: 2 if split else 1]:
+                around = (step_median(base[r["round"] - 1], i) + step_median(base[r["round"]], i)) / 2
+                rows.setdefault((r["workload"], what), []).append(100 * (step_median(r, i) / around - 1))
+        for (w, what), v in rows.items():
+            print(f"batch {batch} {w:9s} overhead by {what:4s} {st.median(v):6.2f}% (rounds "
+                  f"{', '.join(f'{x:.2f}' for x in v)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
@@ -41,7 +64,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=16, help="steps a chunk in the per-chunk medians")
     args = ap.parse_args()
     runs = json.load(open(args.trace))
-    split = all(len(s) >= 4 for r in runs for s in r["steps"])
+    # (with async scheduling a run's last step launches no replay: it has no split)
+    split = any(len(s) >= 4 for r in runs for s in r["steps"])
     smi = smi_samples(args.smi) if args.smi else []
     times = [s[0] for s in smi]
 
@@ -54,8 +78,9 @@ def main() -> None:
         total = [s[1] for s in steps]
         line = f"batch {r['batch']} {r['workload']:9s} round {r['round']}: step {st.median(total):6.2f}"
         if split:
-            prep, g = [s[2] for s in steps], [s[3] for s in steps]
-            rest = [a - b - c for a, b, c in zip(total, prep, g)]
+            timed = [s for s in steps if len(s) >= 4]
+            prep, g = [s[2] for s in timed], [s[3] for s in timed]
+            rest = [s[1] - s[2] - s[3] for s in timed]
             gpu.setdefault((r["batch"], r["workload"]), []).append(st.median(g))
             line += f" = prepare {st.median(prep):5.2f} + gpu {st.median(g):6.2f} + rest {st.median(rest):5.2f}"
         if smi:
@@ -66,13 +91,14 @@ def main() -> None:
         chunks = range(0, len(steps), args.chunk)
         print("    step  " + " ".join(f"{st.median(total[i:i + args.chunk]):6.2f}" for i in chunks))
         if split:
-            print("    gpu   " + " ".join(f"{st.median(g[i:i + args.chunk]):6.2f}" for i in chunks))
-            print("    rest  " + " ".join(f"{st.median(rest[i:i + args.chunk]):6.2f}" for i in chunks))
+            print("    gpu   " + " ".join(f"{st.median(g[i:i + args.chunk]):6.2f}" for i in chunks if g[i:i + 1]))
+            print("    rest  " + " ".join(f"{st.median(rest[i:i + args.chunk]):6.2f}" for i in chunks if rest[i:i + 1]))
     for (batch, w), g in gpu.items():
         base = gpu.get((batch, "base"))
         if base and w != "base":
             print(f"batch {batch} {w}: GPU overhead {100 * (st.median(g) / st.median(base) - 1):5.2f}% "
                   f"(replay {st.median(g):.3f} against base {st.median(base):.3f} ms; runs {', '.join(f'{x:.3f}' for x in g)})")
+    bracketed_overheads(runs, split)
     if smi:
         for batch in sorted({r["batch"] for r in runs}):
             base = [r["steps"] for r in runs if r["batch"] == batch and r["workload"] == "base"]
