@@ -2,7 +2,8 @@
 
 What it must keep: every request's tokens, text, logprobs and finish reason as without it; nothing leaked
 when a sequence stops (EOS, stop string, length, abort) while a step holding its row is in flight; new
-requests still admitted; preemption when KV blocks run out.
+requests still admitted; preemption when KV blocks run out. (An abort in flight:
+tests/test_engine_lifecycle.py, with the engine's default async scheduling.)
 """
 from __future__ import annotations
 
@@ -85,31 +86,6 @@ def test_a_request_stopping_early_does_not_stall_the_others(tiny):
             got[o.request_id] += o.new_token_ids
     assert len(got["long"]) == 20 and got["stops"][-1] == stop_token and len(got["stops"]) < 20
     assert engine.ahead_steps == calls - 1          # all but the last, which ends "long" by length
-
-
-def test_abort_while_its_row_is_in_flight(tiny):
-    engine = make_engine(tiny, max_loras=2)
-    p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    expected = engine.generate([[5, 6, 7], [8, 9]], ["ad0", "ad1"], p)
-    free = engine.kv.allocator.num_free
-    engine.add_request("keep", [5, 6, 7], "ad0", p)
-    engine.add_request("drop", [8, 9], "ad1", p)
-    got = {"keep": [], "drop": []}
-    for _ in range(3):
-        for o in engine.step():
-            got[o.request_id] += o.new_token_ids
-    assert engine._in_flight is not None                # the 4th step is on its way, with a row for "drop"
-    assert engine.abort("drop")
-    engine.remove_adapter("ad1")                        # nothing running uses it any more
-    outs = []
-    while engine.has_unfinished():
-        outs += engine.step()
-    assert [(o.finish_reason, o.new_token_ids) for o in outs if o.request_id == "drop"] == [("abort", [])]
-    got["keep"] += [t for o in outs if o.request_id == "keep" for t in o.new_token_ids]
-    assert got["keep"] == expected[0].token_ids and got["drop"] == expected[1].token_ids[:3]
-    assert engine.kv.allocator.num_free == free and not engine.seqs
-    engine.add_adapter("ad1", tiny[1]["ad1"])
-    assert engine.generate([[8, 9]], "ad1", p)[0].token_ids == expected[1].token_ids
 
 
 def test_a_request_arriving_mid_flight_gets_in(tiny):
