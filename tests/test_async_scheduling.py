@@ -7,6 +7,8 @@ tests/test_engine_lifecycle.py, with the engine's default async scheduling.)
 """
 from __future__ import annotations
 
+import pytest
+
 from tests.test_engine_vs_hf import make_engine
 from worker.engine import SamplingParams
 
@@ -135,3 +137,10 @@ def test_kv_blocks_running_out_falls_back_to_preemption(tiny):
     got = [o.token_ids for o in engine.generate(prompts, "ad1", p)]
     assert engine.scheduler.num_preemptions > 0 and engine.ahead_steps > 0
     assert got == expected
+
+
+def test_async_scheduling_must_be_a_bool():
+    from worker.config import EngineConfig
+    from worker.errors import OpenLoRAError
+    with pytest.raises(OpenLoRAError, match="async_scheduling must be true or false"):
+        EngineConfig(async_scheduling="off")
