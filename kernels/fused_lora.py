@@ -87,6 +87,9 @@ FEW_ROWS = {("rotary", "segments"): 16, ("rotary", "rows"): 16, ("silu", "segmen
 # tile gathers each row's own adapter (bench/NOTES-kernels.md v9: at 6 adapters SiLU-mul takes 13.0 us a call
 # that way against 12.7 per-row, at 2 7.8 against 11.8; rotary wins up to 8 adapters, ties at 10)
 SEGMENTS_MAX = {"silu": 4, "rotary": 8}
+# the norm reads B's first rows unmasked by the slot's rank (zero past it): its loads then wait on the slot alone; at
+# 32 tokens on the H100 4.26 -> 3.90 us a call with one adapter, 4.58 -> 4.21 with 6 (bench/NOTES-kernels.md v23)
+RANK_FREE = tl.constexpr(16)
 RANK_UNROLL = tl.constexpr(16)  # ranks a per-row loop unrolls at once (unrolled to max_rank, the rank-64 GPU tests stalled)
 
 
@@ -211,15 +214,20 @@ def _shrink_rows(x, a_rows, stride_ar, rank, cols, col_ok, BLOCK_M: tl.constexpr
 
 @triton.jit
 def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_ptr, b_ptr, rank_ptr, scal_ptr,
-                      n, n_parts, n_pos, stride_x, stride_r, stride_o, stride_s, stride_hp, stride_ht, stride_hpos,
-                      stride_bs, stride_br, eps, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr, BLOCK: tl.constexpr,
-                      BLOCK_R: tl.constexpr, P_P2: tl.constexpr, RC: tl.constexpr):
-    """One row, its own adapter: s = x + expand + residual, out = w * rmsnorm(s)."""
+                      n, n_parts, n_pos, max_rank, stride_x, stride_r, stride_o, stride_s, stride_hp, stride_ht,
+                      stride_hpos, stride_bs, stride_br, eps, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr,
+                      BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, P_P2: tl.constexpr, RC: tl.constexpr):
+    """One row, its own adapter: s = x + expand + residual, out = w * rmsnorm(s).
+
+    The LoRA loads wait on one round trip at most: h's address on the row's position (``pos_ptr``, per row;
+    none with one position) and B's on the row's slot. Neither waits on the slot's rank: h and B are zero past
+    it (``norm_lora``), except B's rank chunks from RANK_FREE on, which mask by the rank so that a small rank
+    among large ones reads its own rows only (bench/NOTES-kernels.md v23)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     cm = cols < n
-    # the loads that wait on nothing go first, to overlap the chain slot -> position, rank -> h, B (issued
-    # after the LoRA loads, the row with h in 224 parts took 10.1 us against 5.6; bench/NOTES-kernels.md)
+    # the loads that wait on nothing go first, to overlap the LoRA ones (issued after the LoRA loads, the row
+    # with h in 224 parts took 10.1 us against 5.6; bench/NOTES-kernels.md)
     x = tl.load(x_ptr + row * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
     res = x
     if HAS_RES:
@@ -230,21 +238,25 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_
     slot = tl.maximum(slot, 0).to(tl.int64)
     h_row = h_ptr + row * stride_ht
     if HAS_POS:                                  # a position outside h (a staging bug) reads nothing
-        pos, use = _position(pos_ptr, slot, use, n_pos, False)
-        h_row += pos * stride_hpos
+        pos = tl.load(pos_ptr + row)
+        use = use & (pos >= 0) & (pos < n_pos)
+        h_row += tl.maximum(pos, 0) * stride_hpos
     # h summed over its parts once ([P_P2, BLOCK_R] in one load), then B in [RC, hidden] tiles
-    rank = tl.where(use, tl.load(rank_ptr + slot), 0)
     p = tl.arange(0, P_P2)
     rr = tl.arange(0, BLOCK_R)
     hv = tl.sum(tl.load(h_row + p[:, None] * stride_hp + rr[None, :],
-                        mask=(p < n_parts)[:, None] & (rr < rank)[None, :], other=0.0).to(tl.float32), axis=0)
+                        mask=(p < n_parts)[:, None] & (rr < max_rank)[None, :], other=0.0).to(tl.float32), axis=0)
+    hv = tl.where(use, hv, 0.0)                  # (where, not a product: rows without LoRA may read NaN)
     hv = tl.reshape(hv * tl.load(scal_ptr + slot), (BLOCK_R // RC, RC))
     delta = tl.zeros((BLOCK,), dtype=tl.float32)
     for rc in tl.static_range(0, BLOCK_R, RC):
         r = rc + tl.arange(0, RC)
         hc = tl.sum(tl.where((tl.arange(0, BLOCK_R // RC) == rc // RC)[:, None], hv, 0.0), axis=0)
+        bm = tl.where(use, r < max_rank, False)     # (the interpreter cannot & a scalar into a vector)
+        if rc + RC > RANK_FREE:
+            bm = bm & (r < tl.load(rank_ptr + slot))
         b = tl.load(b_ptr + slot * stride_bs + r[:, None] * stride_br + cols[None, :],
-                    mask=(r < rank)[:, None] & cm[None, :], other=0.0).to(tl.float32)
+                    mask=bm[:, None] & cm[None, :], other=0.0).to(tl.float32)
         delta += tl.sum(hc[:, None] * b, axis=0)
     x = (x + delta).to(out_ptr.dtype.element_ty).to(tl.float32)
     rms_norm_loaded_row(x, res, w, row, cols, cm, out_ptr, s_ptr, stride_o, stride_s, n, eps, HAS_RES, True)
@@ -482,15 +494,16 @@ def _check_family(name: str, fam, n_in: int | None, n_out: int | None, slices: i
                              f"{v.dtype} {tuple(v.shape)}")
 
 
-def _check_h(name: str, h: torch.Tensor, parts: int | None, t: int, fam, tail_pos: torch.Tensor | None) -> None:
+def _check_h(name: str, h: torch.Tensor, parts: int | None, t: int, fam, tail_pos: torch.Tensor | None,
+             needs_tail_pos: bool = True) -> None:
     """h [parts, T, positions, n_slices, >= max_rank] in any float dtype, unit stride along the rank;
-    a positions stride other than 0 needs ``tail_pos`` (slot -> position)."""
+    a positions stride other than 0 needs ``tail_pos`` (slot -> position), unless not ``needs_tail_pos``."""
     rank, slices = fam.lora_a.shape[2], fam.lora_a.shape[1]
     if h.dim() != 5 or h.dtype not in _DTYPES or (parts is not None and h.shape[0] != parts) \
             or h.shape[1] != t or h.shape[3] != slices or h.shape[4] < rank or h.stride(4) != 1:
         raise ValueError(f"{name}: h must be [{parts or 'parts'}, {t}, positions, {slices}, >= {rank}] with unit last "
                          f"stride, got {h.dtype} {tuple(h.shape)} strides {h.stride()}")
-    if h.stride(2) and (tail_pos is None or tail_pos.dtype != torch.int32 or tail_pos.dim() != 1
+    if h.stride(2) and needs_tail_pos and (tail_pos is None or tail_pos.dtype != torch.int32 or tail_pos.dim() != 1
                         or tail_pos.numel() < fam.lora_a.shape[0]):
         raise ValueError(f"{name}: h with positions needs tail_pos, int32 [>= {fam.lora_a.shape[0]} slots]")
 
@@ -562,21 +575,28 @@ def _block_m(t: int) -> int:
 
 
 def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, meta: LoRAMeta,
-              h: torch.Tensor, fam, tail_pos: torch.Tensor | None = None, num_warps: int | None = None,
-              rank_chunk: int | None = None, maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              h: torch.Tensor, fam, tail_pos: torch.Tensor | None = None, row_pos: torch.Tensor | None = None,
+              num_warps: int | None = None, rank_chunk: int | None = None,
+              maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, s): s = x + expand + residual, out = w * rmsnorm(s); one program a row. Launch parameters left
     None come from NORM (NORM_COLUMNS for h from a GEMM's columns), or NORM_MANY past NORM_MANY_TOKENS rows
     (``maxnreg``: a register cap, 0 for none).
 
     The expand: x[t] += scaling * sum_p h[p, t, pos(t), 0] @ B[slot(t)], ``fam`` a one-slice
     family, rounded to x's dtype before the residual is added (a norm without LoRA is
-    ``kernels.fused.add_rms_norm``).
+    ``kernels.fused.add_rms_norm``). pos(t) is ``row_pos[t]`` (int32, each row's position, -1 for none: what
+    the engine stages with the step), else ``tail_pos[slot(t)]``; h with one position needs neither.
+
+    Unlike the other fused kernels, the norm relies on zeros past each slot's rank: in h (the GEMM's columns
+    over zeroed A rows, or SiLU-mul's parts) and in B's first RANK_FREE rows (``AdapterSlots`` zero a slot past
+    each rank).
     """
     check_norm_args(x, residual, weight)
     t, n = x.shape
     _check_meta(meta, t)
     _check_family("expand", fam, None, n, 1)
-    _check_h("expand", h, None, t, fam, tail_pos)
+    _check_h("expand", h, None, t, fam, tail_pos, needs_tail_pos=row_pos is None and h.shape[2] > 1)
+    pos = _row_positions(meta, t, h, tail_pos, row_pos)
     out, s = torch.empty_like(x), torch.empty_like(x)
     many = t > NORM_MANY_TOKENS
     few = NORM if h.shape[0] > 1 else NORM_COLUMNS          # SiLU-mul's parts, or one h: a GEMM's columns
@@ -586,14 +606,28 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     if t:
         _norm_lora_kernel[(t,)](
             x, residual if residual is not None else x, weight, out, s, meta.token_slot,
-            tail_pos if h.stride(2) else meta.token_slot, h, fam.lora_b, fam.ranks, fam.scalings, n, h.shape[0],
-            h.shape[2],
+            meta.token_slot if pos is None else pos, h, fam.lora_b, fam.ranks, fam.scalings, n, h.shape[0],
+            h.shape[2], fam.lora_a.shape[2],
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), s.stride(0),
-            *h.stride()[:3], *fam.lora_b.stride()[:2], eps, HAS_RES=residual is not None, HAS_POS=h.stride(2) != 0,
+            *h.stride()[:3], *fam.lora_b.stride()[:2], eps, HAS_RES=residual is not None, HAS_POS=pos is not None,
             BLOCK=triton.next_power_of_2(n), BLOCK_R=max(rank_chunk, _block_r(fam)),
             P_P2=triton.next_power_of_2(h.shape[0]), RC=rank_chunk, num_warps=num_warps,
             **({"maxnreg": maxnreg} if maxnreg else {}))
     return out, s
+
+
+def _row_positions(meta: LoRAMeta, t: int, h: torch.Tensor, tail_pos: torch.Tensor | None,
+                   row_pos: torch.Tensor | None) -> torch.Tensor | None:
+    """Each row's position in h as the norm reads it: None where h has one position (or stride 0 along them),
+    else ``row_pos`` checked, or ``tail_pos[slot]`` gathered here (-1 for rows without LoRA)."""
+    if not h.stride(2) or h.shape[2] == 1:
+        return None
+    if row_pos is not None:
+        if row_pos.dtype != torch.int32 or row_pos.dim() != 1 or row_pos.numel() < t:
+            raise ValueError(f"row_pos must be int32 [>= {t}], got {row_pos.dtype} {tuple(row_pos.shape)}")
+        return row_pos
+    slot = meta.token_slot[:t]
+    return torch.where(slot >= 0, tail_pos[slot.clamp(min=0)], -1).to(torch.int32)
 
 
 def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin: torch.Tensor,

@@ -104,6 +104,11 @@ class LoRAMeta:
         return meta
 
     @property
+    def token_slots(self) -> list[int]:
+        """The slot of each token of the last ``fill`` (host side)."""
+        return self._filled or []
+
+    @property
     def num_segments(self) -> int:
         return len(self.slots)
 

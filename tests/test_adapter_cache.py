@@ -140,3 +140,20 @@ def test_wait_loads_even_when_the_background_loads_are_all_taken(tiny):
     engine.register_adapter("late", tiny[1]["ad1"])
     assert engine.adapters.get("late") is None and engine.adapters.entry("late").loading is None
     assert engine.adapters.wait("late").rank == 4
+
+
+def test_a_slot_holds_zeros_past_each_rank_after_a_larger_adapter(tiny):
+    """The fused norm reads a slot's B and h past the rank (kernels/fused_lora.py ``norm_lora``), so a slot that
+    took rank-32 ad3 and then rank-4 ad1 (q and v only) must hold zeros past ad1's ranks and in the modules it
+    lacks, not ad3's weights."""
+    engine = make_engine(tiny, max_loras=1)
+    for name in ("ad3", "ad1"):
+        engine.generate([[5, 9, 33]], [name], P)
+    slots = engine.slots
+    slot = slots.slot_of["ad1"]
+    for fams in slots.layers:
+        for f in fams.values():
+            for i, r in enumerate(f.ranks_cpu[slot].tolist()):
+                lo, hi = f.out_offsets[i], f.out_offsets[i + 1]
+                assert not f.lora_a[slot, i, r:].any() and not f.lora_b[slot, r:, lo:hi].any()
+                assert r in (0, 4) and (r == 0 or f.lora_b[slot, :r, lo:hi].any())

@@ -49,11 +49,12 @@ def test_fused_path_restages_the_step_adapters(tiny):
     """Fused steps one after another, with one adapter, then several: each time the A rows under the base
     weights must be the step's adapters', at positions inside the rows its GEMMs read (a stale or misplaced
     copy would still produce text, just another adapter's): ad0 replaces ad3 at position 0, ad3 joins it at
-    position 1, then runs alone, where it must move back below the one-position bucket."""
+    position 1, then swaps rows with it (the same adapters at the same positions: only the rows' positions that
+    the norm reads move), then runs alone, where it must move back below the one-position bucket."""
     engine = triton_engine(tiny, max_num_batched_tokens=16, fused_lora_tokens=64)
     ref = HFReference(*tiny)
     prompt = [5, 9, 33, 70, 12]
-    for names in (["ad3"], ["ad0"], ["ad0", "ad3"], ["ad3"], ["ad2", "ad1", "ad0"]):
+    for names in (["ad3"], ["ad0"], ["ad0", "ad3"], ["ad3", "ad0"], ["ad3"], ["ad2", "ad1", "ad0"]):
         generate_and_check(engine, ref, [prompt] * len(names), names, 2)
 
 

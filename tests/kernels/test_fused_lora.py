@@ -4,6 +4,8 @@
 Weights past each slot's rank are NaN, and so are the h entries a consumer must
 not read (other adapters' positions, past a rank, rows without LoRA): a kernel
 that reads them fails. Adapters sit at tail positions other than their slots.
+The norm reads B's first RANK_FREE rows and h past the rank, which the engine keeps
+zero: its tests put zeros there and NaN past them.
 """
 import pytest
 import torch
@@ -28,8 +30,8 @@ SHAPES = [(96, 2, 1, 32, 200, 5), (64, 2, 1, 16, 136, 19)] if not CUDA else \
     [(4096, 32, 8, 128, 14336, 32), (4096, 32, 8, 128, 14336, 64), (4096, 32, 8, 128, 14336, 7)]
 
 
-def family(n_in, widths, ranks, max_rank, dtype):
-    """Random stacked slots; entries past each slot's rank are NaN."""
+def family(n_in, widths, ranks, max_rank, dtype, zero_below=0):
+    """Random stacked slots; entries past each slot's rank are NaN, except B's rows below ``zero_below``: 0."""
     slots, n = len(ranks), len(widths)
     a = (torch.randn(slots, n, max_rank, n_in, device=DEV) / n_in ** 0.5)
     b = (torch.randn(slots, max_rank, sum(widths), device=DEV) / max_rank ** 0.5)
@@ -39,6 +41,7 @@ def family(n_in, widths, ranks, max_rank, dtype):
         for i in range(n):
             a[s, i, r[s, i]:] = float("nan")
             b[s, r[s, i]:, offs[i]:offs[i + 1]] = float("nan")
+            b[s, r[s, i]:zero_below, offs[i]:offs[i + 1]] = 0.0
     return LoRAWeights(a.to(dtype), b.to(dtype), r.to(DEV), (torch.rand(slots, n, device=DEV) + 0.5).float())
 
 
@@ -48,16 +51,19 @@ def ranks_for(n_slices, max_rank):
     return [[pattern[(s + i) % 4] for i in range(n_slices)] for s in range(SLOTS)]
 
 
-def poison(h, fam, slots, tail_pos):
+def poison(h, fam, slots, tail_pos, past_rank=float("nan")):
     """h [parts, T, positions, n_slices, R] as a consumer gets it: NaN everywhere a token must not read
-    (other positions, past its rank, rows without LoRA). Positions with stride 0 are per token already."""
+    (other positions, rows without LoRA), and ``past_rank`` past its rank in its own position (the engine's
+    zeros there: the norm reads them). Positions with stride 0 are per token already."""
     h = h.clone()
     own = [tail_pos[s] if h.stride(2) else 0 for s in slots]
     for t, s in enumerate(slots):
         for pos in range(h.shape[2]):
             for i in range(h.shape[3]):
-                r = int(fam.ranks[s, i]) if s >= 0 and pos == own[t] else 0
-                h[:, t, pos, i, r:] = float("nan")
+                if s >= 0 and pos == own[t]:
+                    h[:, t, pos, i, int(fam.ranks[s, i]):] = past_rank
+                else:
+                    h[:, t, pos, i] = float("nan")
     return h
 
 
@@ -71,8 +77,9 @@ def token_mix(t, adapters):
     return mix, meta, tail_pos, torch.tensor(tail_pos + [-7] * 2, dtype=torch.int32, device=DEV)
 
 
-def gemm_h(x, fam, mix, tail_pos, n_out):
-    """(projection, h) from a GEMM over a weight with every slot's A at its tail position."""
+def gemm_h(x, fam, mix, tail_pos, n_out, past_rank=float("nan")):
+    """(projection, h) from a GEMM over a weight with every slot's A at its tail position; h poisoned
+    (``poison``)."""
     n_slices, max_rank = fam.lora_a.shape[1], fam.lora_a.shape[2]
     tails = LoRATails(n_slices, max_rank, SLOTS)
     tails.add((torch.randn(n_out, x.shape[1], device=DEV) / x.shape[1] ** 0.5).to(x.dtype))
@@ -80,7 +87,7 @@ def gemm_h(x, fam, mix, tail_pos, n_out):
         tails.a_rows(0, tail_pos[s]).copy_(fam.lora_a[s].nan_to_num(0.0))
     y, h = tails.split(F.linear(x, *tails.weight(0, SLOTS)))
     ref_h = h.clone()
-    h.copy_(poison(h, fam, mix, tail_pos))            # writes through into y's extra columns
+    h.copy_(poison(h, fam, mix, tail_pos, past_rank))            # writes through into y's extra columns
     return y, h, ref_h
 
 
@@ -97,13 +104,13 @@ def parts_h(parts):
 def test_norm_lora_expand_from_parts(seed, rel_err, adapters, dtype, hidden, hq, hk, d, inter, t, max_rank):
     """The input norm: expand of the previous down from SiLU-mul's float32 parts, residual, norm."""
     mix, meta, tail_pos, _ = token_mix(t, adapters)
-    f_d = family(inter, [hidden], ranks_for(1, max_rank), max_rank, dtype)
+    f_d = family(inter, [hidden], ranks_for(1, max_rank), max_rank, dtype, zero_below=fl.RANK_FREE)
     x = torch.randn(t, hidden, device=DEV).to(dtype)
     res = torch.randn(t, hidden, device=DEV).to(dtype)
     w = (1 + 0.1 * torch.randn(hidden, device=DEV)).to(dtype)
     parts = parts_h(torch.stack([shrink_ref(torch.randn(t, inter, device=DEV).to(dtype), f_d, mix)[0]
                                  for _ in range(5)]))
-    out, s = norm_lora(x, res, w, 1e-6, meta, poison(parts, f_d, mix, tail_pos), f_d)
+    out, s = norm_lora(x, res, w, 1e-6, meta, poison(parts, f_d, mix, tail_pos, 0.0), f_d)
     ref_out, ref_s = norm_lora_ref(x, res, w, 1e-6, mix, parts, f_d)
     assert rel_err(s, ref_s) <= TOL[dtype] and rel_err(out, ref_out) <= TOL[dtype]
     none = [i for i, sl in enumerate(mix) if sl < 0]
@@ -113,15 +120,28 @@ def test_norm_lora_expand_from_parts(seed, rel_err, adapters, dtype, hidden, hq,
 @pytest.mark.parametrize("adapters", ADAPTERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_norm_lora_expand_from_gemm_columns(seed, rel_err, adapters, dtype):
-    """The post-attention norm: expand of o from the o GEMM's extra columns (model dtype, a strided view)."""
+    """The post-attention norm: expand of o from the o GEMM's extra columns (model dtype, a strided view), each
+    row's position gathered from ``tail_pos`` or given per row as the engine stages it (``row_pos``); with one
+    adapter at one position, neither."""
     hidden, t, r = (96, 9, 8) if not CUDA else (4096, 8, 16)
     mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
-    f_o = family(hidden, [hidden], ranks_for(1, r), r, dtype)
+    f_o = family(hidden, [hidden], ranks_for(1, r), r, dtype, zero_below=fl.RANK_FREE)
     w = (1 + 0.1 * torch.randn(hidden, device=DEV)).to(dtype)
-    x, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_o, mix, tail_pos, hidden)
+    x, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_o, mix, tail_pos, hidden, 0.0)
+    row_pos = torch.tensor([tail_pos[s] if s >= 0 else -1 for s in mix] + [-7], dtype=torch.int32, device=DEV)
     for res in (torch.randn(t, hidden, device=DEV).to(dtype), None):      # without a residual: s = x + expand
-        out, s = norm_lora(x, res, w, 1e-6, meta, h, f_o, tail_pos_dev)
         ref_out, ref_s = norm_lora_ref(x, res, w, 1e-6, mix, ref_h, f_o, tail_pos)
+        for pos in ({"tail_pos": tail_pos_dev}, {"row_pos": row_pos}):
+            out, s = norm_lora(x, res, w, 1e-6, meta, h, f_o, **pos)
+            assert rel_err(s, ref_s) <= TOL[dtype] and rel_err(out, ref_out) <= TOL[dtype], list(pos)
+    if adapters == 1:              # slot 1 (rank r / 4) at position 0: h cut to it, read without a position
+        mix = [1 if s >= 0 else -1 for s in mix]
+        meta = LoRAMeta.allocate(t, SLOTS, DEV).fill(mix)
+        at = [1, 0] + list(range(2, SLOTS))
+        x, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_o, mix, at, hidden, 0.0)
+        res = torch.randn(t, hidden, device=DEV).to(dtype)
+        out, s = norm_lora(x, res, w, 1e-6, meta, h[:, :, :1], f_o)
+        ref_out, ref_s = norm_lora_ref(x, res, w, 1e-6, mix, ref_h, f_o, at)
         assert rel_err(s, ref_s) <= TOL[dtype] and rel_err(out, ref_out) <= TOL[dtype]
 
 
@@ -133,9 +153,9 @@ def test_norm_lora_past_many_rows(seed, rel_err, adapters, dtype):
     hidden, r = (96, 16) if not CUDA else (4096, 16)
     t = fl.NORM_MANY_TOKENS + 5
     mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
-    f_o = family(hidden, [hidden], ranks_for(1, r), r, dtype)
+    f_o = family(hidden, [hidden], ranks_for(1, r), r, dtype, zero_below=fl.RANK_FREE)
     w = (1 + 0.1 * torch.randn(hidden, device=DEV)).to(dtype)
-    x, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_o, mix, tail_pos, hidden)
+    x, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f_o, mix, tail_pos, hidden, 0.0)
     res = torch.randn(t, hidden, device=DEV).to(dtype)
     ref_out, ref_s = norm_lora_ref(x, res, w, 1e-6, mix, ref_h, f_o, tail_pos)
     for launch in ({}, {"num_warps": fl.NORM[0], "rank_chunk": fl.NORM[1], "maxnreg": 0}):
@@ -333,6 +353,8 @@ def test_bad_inputs(seed):
         norm_lora(x, None, w, 1e-6, meta, torch.zeros(1, 3, 4, device=DEV), f, tail_pos)
     with pytest.raises(ValueError, match="needs tail_pos"):
         norm_lora(x, None, w, 1e-6, meta, h, f)
+    with pytest.raises(ValueError, match="row_pos must be int32"):
+        norm_lora(x, None, w, 1e-6, meta, h, f, row_pos=torch.zeros(2, dtype=torch.int32, device=DEV))
     with pytest.raises(ValueError, match="lora_b"):
         norm_lora(torch.randn(3, 15, device=DEV), None, torch.ones(15, device=DEV), 1e-6, meta, h, f, tail_pos)
     with pytest.raises(ValueError, match="heads"):

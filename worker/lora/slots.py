@@ -163,13 +163,15 @@ class AdapterSlots:
         self._sync_ranks()
 
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Copy ``adapter`` into ``slot``. Rows past each module's rank are left as they are: no kernel reads them."""
+        """Copy ``adapter`` into ``slot``, zeros past each module's rank (and for modules it lacks): the fused
+        norm reads B's first rows and h unmasked by the rank (``kernels.fused_lora.norm_lora``)."""
         self.generation[slot] += 1
-        dst, src = [], []
+        dst, src, zero = [], [], []
         for fams in self.layers:
             for f in fams.values():
                 f.ranks_cpu[slot] = 0
                 f.scalings_cpu[slot] = 0.0
+                zero += [f.lora_a[slot], f.lora_b[slot]]
         for (layer, module), m in adapter.modules.items():
             fam_name, i = MODULE_SLICES[module]
             f = self.layers[layer][fam_name]
@@ -180,6 +182,7 @@ class AdapterSlots:
             f.ranks_cpu[slot, i] = r
             f.scalings_cpu[slot, i] = m.scaling
         if self._copy_stream is None:
+            torch._foreach_zero_(zero)
             for d, s_ in zip(dst, src):
                 d.copy_(s_)
             self._sync_ranks()
@@ -188,6 +191,7 @@ class AdapterSlots:
         # the engine runs only with no step in flight: steps launched ahead admit nothing), so the copy
         # may start at once; steps that follow use the slot only after `ready`
         with torch.cuda.stream(self._copy_stream):
+            torch._foreach_zero_(zero)
             for d, s_ in zip(dst, src):
                 d.copy_(s_, non_blocking=True)
             self._sync_ranks()

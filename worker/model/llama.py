@@ -86,8 +86,12 @@ class LlamaModel:
                 len(weights.layers), min(fused_lora_dense.DENSE_POSITIONS, self.tail_positions), lora.max_rank,
                 weights.layers[0].gate_up.shape[0], weights.embed.dtype, weights.embed.device)
             self._staged: list[tuple[int, int] | None] = [None] * self.tail_positions   # (slot, generation)
-            self.tail_pos = StagedBuffer(lora.num_slots, torch.int32, weights.embed.device)  # slot -> position
+            # slot -> position, then row -> position (-1: no LoRA) for the step's tokens: the norm's h loads wait
+            # on the row's own entry instead of its slot's (``fused_lora.norm_lora``); one copy moves both
+            self._pos = StagedBuffer(lora.num_slots + self.fused_lora_tokens, torch.int32, weights.embed.device)
+            self.tail_pos, self.row_pos = self._pos.device[:lora.num_slots], self._pos.device[lora.num_slots:]
             self._pos_of = [0] * lora.num_slots                                                 # its host copy
+            self._rows_put: list[int] | None = None                      # the row positions of the last copy
             self._stage_key: tuple | None = None     # (bucket, slots, their generations) of the last staging
         device = weights.embed.device
         pos = torch.arange(cfg.max_context, device=device, dtype=torch.float32)
@@ -164,7 +168,7 @@ class LlamaModel:
         the bucket, with its slot's contents unchanged since, stays where it is; the others go to free
         positions there (a copy of about 1.25 MB a layer at rank 16, 2.2 MB with gate/up's B). So steady decoding
         copies nothing, and a step with the same adapters, bucket and slot contents as the last staging
-        returns at once.
+        stages nothing; its rows' positions (``row_pos``) move only if the rows changed.
         """
         if not self.fused_path(s):
             return
@@ -174,8 +178,16 @@ class LlamaModel:
         bucket = self.tail_bucket(len(need), s.input_ids.shape[0])
         gen = self.lora.generation
         key = (bucket, tuple(need), tuple(gen[slot] for slot in need))
-        if key == self._stage_key:                  # the last staging left these adapters in place
-            return
+        if key != self._stage_key:                  # else the last staging left these adapters in place
+            self._stage(need, bucket, gen)
+            self._stage_key = key
+        rows = [self._pos_of[slot] if slot >= 0 else -1 for slot in s.lora.token_slots]
+        if rows != self._rows_put:
+            self._pos.put(self._pos_of, tail={len(self._pos_of): rows})
+            self._rows_put = rows
+
+    def _stage(self, need: list[int], bucket: int, gen: list[int]) -> None:
+        """``stage_lora``'s copies, and the new positions into ``_pos_of``."""
         where = {e[0]: p for p, e in enumerate(self._staged[:bucket]) if e is not None and e[1] == gen[e[0]]}
         pos = {slot: where[slot] for slot in need if slot in where}
         free = iter(sorted(set(range(bucket)) - set(pos.values())))
@@ -194,11 +206,8 @@ class LlamaModel:
                     src.append(fams["gate_up"].lora_b[slot])
         if dst:
             torch._foreach_copy_(dst, src)
-        if any(self._pos_of[slot] != p for slot, p in pos.items()):
-            for slot, p in pos.items():
-                self._pos_of[slot] = p
-            self.tail_pos.put(self._pos_of)
-        self._stage_key = key
+        for slot, p in pos.items():
+            self._pos_of[slot] = p
 
     def _forward_fused_lora(self, s: StepInputs, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """``forward`` with the step's adapters folded into its GEMMs and small kernels.
@@ -207,7 +216,7 @@ class LlamaModel:
         (``stage_lora`` put the A rows of the step's adapters there), down's from SiLU-mul or its GEMM too
         (``down_in_gemm``), and every expand happens in the kernel that reads the projection's output next.
         """
-        cfg, fl, pos = self.cfg, self.fused, self.tail_pos.device
+        cfg, fl, pos, row_pos = self.cfg, self.fused, self.tail_pos, self.row_pos
         layers, fams, eps, meta = self.w.layers, self.lora.layers, cfg.rms_norm_eps, s.lora
         qkv_t, o_t, gu_t = self.tails["qkv"], self.tails["o"], self.tails["gate_up"]
         t = s.input_ids.shape[0]
@@ -227,7 +236,7 @@ class LlamaModel:
             q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             attn = self._attend(q, kk, v, kv_caches[i], s)
             o, h_o = o_t.split(self._linear(attn, *o_t.weight(i, k), peers=self._peers(o_t, k)), k)
-            h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"], pos)
+            h, residual = fl.norm_lora(o, residual, layer.post_norm, eps, meta, h_o, fam["o"], pos, row_pos)
             gu, h_gu = gu_t.split(self._linear(h, *gu_t.weight(i, k, min_rows=gu_rows),
                                                peers=self._peers(gu_t, k, min_rows=gu_rows)), k)
             down_fam = None if down_t else fam["down"]
@@ -242,7 +251,7 @@ class LlamaModel:
             else:
                 d = self._linear(act, layer.down, peers=lambda: [w.down for w in layers])
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
-            h, residual = fl.norm_lora(d, residual, next_norm, eps, meta, h_down, fam["down"], pos)
+            h, residual = fl.norm_lora(d, residual, next_norm, eps, meta, h_down, fam["down"], pos, row_pos)
         return h
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, peers=None) -> torch.Tensor:
