@@ -282,21 +282,40 @@ def _rotary_load(qkv_ptr, rows, row_ok, col, dm, stride_t, HALF: tl.constexpr):
 
 
 @triton.jit
-def _rotary_expand(slot, use, rows, sl, col, dm, tail_pos_ptr, n_pos, h_ptr, stride_ht, stride_hpos, stride_hs,
-                   ranks_ptr, scal_ptr, b_ptr, stride_bs, stride_br, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
-    """The expand of slice ``sl`` for the rows ``use`` of one adapter ``slot`` (none where slot < 0), on the
-    head's two halves: (e1, e2)."""
-    s0 = tl.maximum(slot, 0)
-    p, use = _position(tail_pos_ptr, s0, use, n_pos, False)
-    rank = tl.where(slot >= 0, tl.load(ranks_ptr + s0 * 3 + sl), 0)
-    scaling = tl.load(scal_ptr + s0 * 3 + sl)
-    h = _load_h(h_ptr + p * stride_hpos + sl * stride_hs, stride_ht, rows, use, rank, BLOCK_M, BLOCK_R)
+def _rotary_expand(slot, use, p, rank, rows, sl, col, dm, h_ptr, stride_ht, stride_hpos, stride_hs, scal_ptr, b_ptr,
+                   stride_bs, stride_br, HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_R: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
+    """The expand of slice ``sl`` for the rows ``use`` of one adapter ``slot`` at positions ``p`` (each row's,
+    or the segment's), h and B masked by ``rank`` (``_free_rank``), on the head's two halves: (e1, e2)."""
+    r = tl.arange(0, BLOCK_R)
+    hp = h_ptr + rows * stride_ht + p * stride_hpos + sl * stride_hs
+    h = tl.load(hp[:, None] + r[None, :], mask=use[:, None] & (r < rank)[None, :], other=0.0).to(tl.float32)
+    scaling = tl.load(scal_ptr + tl.maximum(slot, 0) * 3 + sl)
     zero = tl.zeros((BLOCK_M, HALF_P2), dtype=tl.float32)
     e1 = _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col, dm, BLOCK_R, NATIVE, IEEE)
     e2 = _expand_tile(zero, h, slot, rank, scaling, b_ptr, stride_bs, stride_br, col + HALF, dm, BLOCK_R, NATIVE,
                       IEEE)
     return e1, e2
+
+
+@triton.jit
+def _free_rank(use, rank_ptr, max_rank, BLOCK_R: tl.constexpr):
+    """The rank to mask h and B by (0 where not ``use``): up to RANK_FREE, the slots' max rank, which waits on no
+    load (the slots hold zeros past each rank, as the norm relies on too); past it, the slot's own at
+    ``rank_ptr``, so that a small rank among large ones reads its own rows only."""
+    if BLOCK_R <= RANK_FREE:
+        return tl.where(use, max_rank, 0)
+    return tl.where(use, tl.load(rank_ptr, mask=use, other=0), 0)
+
+
+@triton.jit
+def _rows_at(row_pos_ptr, rows, use, n_pos, HAS_POS: tl.constexpr):
+    """(position, use) of ``rows``: the engine's per-row positions (HAS_POS), else 0 (h with one position); ``use``
+    narrowed to rows whose position lies inside h (a staging bug drops LoRA instead of reading past h)."""
+    if HAS_POS:
+        p = tl.load(row_pos_ptr + rows, mask=use, other=0)
+        return tl.maximum(p, 0), use & (p >= 0) & (p < n_pos)
+    return tl.zeros_like(rows), use
 
 
 @triton.jit
@@ -316,15 +335,16 @@ def _rotary_store(p1, x1, x2, e1, e2, own, rows, row_ok, hh, d, dm, pos_ptr, cos
 
 
 @triton.jit
-def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, h_ptr, b_ptr,
-                        ranks_ptr, scal_ptr, sorted_ptr, blk_count_ptr, blk_ptr, nb, T, n_pos, stride_t, stride_c,
-                        stride_ht, stride_hpos, stride_hs, stride_bs, stride_br, HQ: tl.constexpr, HK: tl.constexpr,
-                        HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                        ROWS: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, NATIVE: tl.constexpr,
-                        IEEE: tl.constexpr):
+def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_ptr, tail_pos_ptr, row_pos_ptr, h_ptr,
+                        b_ptr, ranks_ptr, scal_ptr, sorted_ptr, blk_count_ptr, blk_ptr, nb, T, n_pos, max_rank,
+                        stride_t, stride_c, stride_ht, stride_hpos, stride_hs, stride_bs, stride_br,
+                        HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr,
+                        SPLIT: tl.constexpr, HAS_POS: tl.constexpr, NATIVE: tl.constexpr, IEEE: tl.constexpr):
     """One head (program_id 0: q heads, then k heads, then v heads) of one segment's rows (program_id 1),
     or, ROWS, of every row, in one block of BLOCK_M rows (program_id 2); or, BLOCKS, of the step's segment
-    blocks program_id 1, + num_programs 1, ..."""
+    blocks program_id 1, + num_programs 1, ... Off the blocks grid, each row's position comes from
+    ``row_pos_ptr`` (HAS_POS; else h has one) and h's and B's loads wait on that or the slot alone."""
     hh = tl.program_id(0)
     sl = (hh >= HQ).to(tl.int32) + (hh >= HQ + HK).to(tl.int32)
     d = tl.arange(0, HALF_P2)
@@ -334,9 +354,12 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
         for g in range(tl.program_id(1), tl.load(blk_count_ptr + 1), tl.num_programs(1)):
             rows, row_ok, slot = _block(g, sorted_ptr, blk_ptr, nb, BLOCK_M)
             p1, x1, x2 = _rotary_load(qkv_ptr, rows, row_ok, col, dm, stride_t, HALF)
-            e1, e2 = _rotary_expand(slot, tl.where(slot >= 0, row_ok, False), rows, sl, col, dm, tail_pos_ptr,
-                                    n_pos, h_ptr, stride_ht, stride_hpos, stride_hs, ranks_ptr, scal_ptr, b_ptr,
-                                    stride_bs, stride_br, HALF, HALF_P2, BLOCK_M, BLOCK_R, NATIVE, IEEE)
+            s0 = tl.maximum(slot, 0)
+            p, use = _position(tail_pos_ptr, s0, tl.where(slot >= 0, row_ok, False), n_pos, False)
+            rank = _free_rank(slot >= 0, ranks_ptr + s0 * 3 + sl, max_rank, BLOCK_R)
+            e1, e2 = _rotary_expand(slot, use, p, rank, rows, sl, col, dm, h_ptr, stride_ht, stride_hpos, stride_hs,
+                                    scal_ptr, b_ptr, stride_bs, stride_br, HALF, HALF_P2, BLOCK_M, BLOCK_R, NATIVE,
+                                    IEEE)
             _rotary_store(p1, x1, x2, e1, e2, row_ok, rows, row_ok, hh, d, dm, pos_ptr, cos_ptr, sin_ptr, stride_c,
                           HQ, HK, HALF, qkv_ptr.dtype.element_ty)
     else:
@@ -346,8 +369,8 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
         if ROWS:
             own = row_ok
             s0, use = _row_slots(slot_ptr, rows, row_ok)
-            p, use = _position(tail_pos_ptr, s0, use, n_pos, True)
-            rank = tl.load(ranks_ptr + s0 * 3 + sl, mask=use, other=0)
+            p, use = _rows_at(row_pos_ptr, rows, use, n_pos, HAS_POS)
+            rank = _free_rank(use, ranks_ptr + s0 * 3 + sl, max_rank, BLOCK_R)
             scaling = tl.load(scal_ptr + s0 * 3 + sl, mask=use, other=0.0)
             h_rows = h_ptr + rows * stride_ht + p * stride_hpos + sl * stride_hs
             b_rows = b_ptr + s0 * stride_bs
@@ -359,9 +382,11 @@ def _rotary_lora_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, seg_slot_p
             if SPLIT:                                       # (a one-segment grid compiles no branch)
                 if (slot < 0) & (tl.program_id(1) > 0):
                     return                                  # past the step's segments
-            e1, e2 = _rotary_expand(slot, use, rows, sl, col, dm, tail_pos_ptr, n_pos, h_ptr, stride_ht, stride_hpos,
-                                    stride_hs, ranks_ptr, scal_ptr, b_ptr, stride_bs, stride_br, HALF, HALF_P2,
-                                    BLOCK_M, BLOCK_R, NATIVE, IEEE)
+            p, use = _rows_at(row_pos_ptr, rows, use, n_pos, HAS_POS)
+            rank = _free_rank(slot >= 0, ranks_ptr + tl.maximum(slot, 0) * 3 + sl, max_rank, BLOCK_R)
+            e1, e2 = _rotary_expand(slot, use, p, rank, rows, sl, col, dm, h_ptr, stride_ht, stride_hpos, stride_hs,
+                                    scal_ptr, b_ptr, stride_bs, stride_br, HALF, HALF_P2, BLOCK_M, BLOCK_R, NATIVE,
+                                    IEEE)
         _rotary_store(p1, x1, x2, e1, e2, own, rows, row_ok, hh, d, dm, pos_ptr, cos_ptr, sin_ptr, stride_c,
                       HQ, HK, HALF, qkv_ptr.dtype.element_ty)          # a segment's own rows only
 
@@ -632,10 +657,12 @@ def _row_positions(meta: LoRAMeta, t: int, h: torch.Tensor, tail_pos: torch.Tens
 
 def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin: torch.Tensor,
                  positions: torch.Tensor, meta: LoRAMeta, num_heads: int, num_kv_heads: int,
-                 tail_pos: torch.Tensor, num_warps: int | None = None, grid: str | None = None,
-                 block_m: int | None = None) -> None:
+                 tail_pos: torch.Tensor, row_pos: torch.Tensor | None = None, num_warps: int | None = None,
+                 grid: str | None = None, block_m: int | None = None) -> None:
     """In place on qkv [T, (HQ + 2 HK) * D]: q, k, v += scaling * h[0, t, pos(t), i] @ B (rounded), then
-    rotary on q and k. h [1, T, positions, 3, R]: the qkv GEMM's extra columns (``LoRATails.split``)."""
+    rotary on q and k. h [1, T, positions, 3, R]: the qkv GEMM's extra columns (``LoRATails.split``).
+    pos(t) as in ``norm_lora`` (``row_pos`` or ``tail_pos``; the segment blocks grid reads ``tail_pos``), and
+    like it, for ranks up to RANK_FREE the kernel relies on zeros past each slot's rank in h and B."""
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.dtype not in _DTYPES:
         raise ValueError(f"qkv must be 2-D with unit column stride, got {tuple(qkv.shape)}")
     t, width = qkv.shape
@@ -651,14 +678,16 @@ def rotary_lora_(qkv: torch.Tensor, h: torch.Tensor, fam, cos: torch.Tensor, sin
     if positions.shape != (t,):
         raise ValueError(f"positions must be [{t}], got {tuple(positions.shape)}")
     grid, programs, block_m = _grid(meta, h, t, "rotary", grid, block_m)
+    pos = None if grid == "blocks" else _row_positions(meta, t, h, tail_pos, row_pos)
     if t:
         _rotary_lora_kernel[(heads, programs, 1 if grid == "blocks" else triton.cdiv(t, block_m))](
-            qkv, cos, sin, positions, meta.token_slot, meta.seg_slot, tail_pos, h, fam.lora_b, fam.ranks,
-            fam.scalings, meta.sorted_idx, meta.blk_count, meta.blk_start, meta.blk_start.numel(), t, h.shape[2],
+            qkv, cos, sin, positions, meta.token_slot, meta.seg_slot, tail_pos, meta.token_slot if pos is None else pos,
+            h, fam.lora_b, fam.ranks, fam.scalings, meta.sorted_idx, meta.blk_count, meta.blk_start,
+            meta.blk_start.numel(), t, h.shape[2], fam.lora_a.shape[2],
             qkv.stride(0), cos.stride(0), h.stride(1), h.stride(2), h.stride(3), *fam.lora_b.stride()[:2],
             HQ=num_heads, HK=num_kv_heads, HALF=dim // 2, HALF_P2=max(16, triton.next_power_of_2(dim // 2)),
             BLOCK_M=block_m, BLOCK_R=max(16, _block_r(fam)), ROWS=grid == "rows", BLOCKS=grid == "blocks",
-            SPLIT=grid == "segments" and programs > 1, NATIVE=_native_expand(h, fam),
+            SPLIT=grid == "segments" and programs > 1, HAS_POS=pos is not None, NATIVE=_native_expand(h, fam),
             IEEE=not native_dot(qkv.dtype), num_warps=num_warps or ROTARY_WARPS[grid], num_stages=3)
 
 

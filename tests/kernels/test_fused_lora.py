@@ -193,14 +193,19 @@ def test_rotary_lora_from_gemm_columns(seed, rel_err, adapters, dtype, hidden, h
 
 
 def check_rotary(rel_err, adapters, dtype, hidden, hq, hk, d, t, max_rank, grid):
+    """Rotary reads h and B unmasked by the rank up to RANK_FREE, like the norm: zeros there, NaN past. Each row's
+    position gathered from ``tail_pos``, or given per row (``row_pos``: the blocks grid reads ``tail_pos``)."""
     mix, meta, tail_pos, tail_pos_dev = token_mix(t, adapters)
-    f = family(hidden, [hq * d, hk * d, hk * d], ranks_for(3, max_rank), max_rank, dtype)
-    qkv, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f, mix, tail_pos, f.lora_b.shape[2])
+    f = family(hidden, [hq * d, hk * d, hk * d], ranks_for(3, max_rank), max_rank, dtype, zero_below=fl.RANK_FREE)
+    qkv, h, ref_h = gemm_h(torch.randn(t, hidden, device=DEV).to(dtype), f, mix, tail_pos, f.lora_b.shape[2], 0.0)
     cos, sin, max_pos = rotary_tables(d, dtype)
     pos = torch.randint(0, max_pos, (t,), device=DEV)
     ref = rotary_lora_ref(qkv.clone(), ref_h, f, cos, sin, pos, mix, hq, hk, tail_pos)
-    rotary_lora_(qkv, h, f, cos, sin, pos, meta, hq, hk, tail_pos_dev, grid=grid)
-    assert rel_err(qkv, ref) <= TOL[dtype] * 2
+    row_pos = torch.tensor([tail_pos[s] if s >= 0 else -1 for s in mix], dtype=torch.int32, device=DEV)
+    for where in ({}, {"row_pos": row_pos}):
+        out = qkv.clone()
+        rotary_lora_(out, h, f, cos, sin, pos, meta, hq, hk, tail_pos_dev, grid=grid, **where)
+        assert rel_err(out, ref) <= TOL[dtype] * 2, list(where)
 
 
 @pytest.mark.parametrize("adapters", ADAPTERS)

@@ -232,7 +232,7 @@ class LlamaModel:
             fam = fams[i]
             qkv, h_qkv = qkv_t.split(self._linear(h, *qkv_t.weight(i, k), peers=self._peers(qkv_t, k)), k)
             fl.rotary_lora_(qkv, h_qkv, fam["qkv"], self.cos, self.sin, s.positions, meta, cfg.num_heads,
-                            cfg.num_kv_heads, pos)
+                            cfg.num_kv_heads, pos, row_pos)
             q, kk, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             attn = self._attend(q, kk, v, kv_caches[i], s)
             o, h_o = o_t.split(self._linear(attn, *o_t.weight(i, k), peers=self._peers(o_t, k)), k)
