@@ -87,8 +87,9 @@ FEW_ROWS = {("rotary", "segments"): 16, ("rotary", "rows"): 16, ("silu", "segmen
 # tile gathers each row's own adapter (bench/NOTES-kernels.md v9: at 6 adapters SiLU-mul takes 13.0 us a call
 # that way against 12.7 per-row, at 2 7.8 against 11.8; rotary wins up to 8 adapters, ties at 10)
 SEGMENTS_MAX = {"silu": 4, "rotary": 8}
-# the norm reads B's first rows unmasked by the slot's rank (zero past it): its loads then wait on the slot alone; at
-# 32 tokens on the H100 4.26 -> 3.90 us a call with one adapter, 4.58 -> 4.21 with 6 (bench/NOTES-kernels.md v23)
+# the norm and rotary read h and B's first rank rows masked by the slots' max rank, not the slot's own (the slots hold
+# zeros past it), so those loads wait on the slot or the row's position alone; the norm at 32 tokens on the H100:
+# 4.26 -> 3.90 us a call with one adapter, 4.58 -> 4.21 with 6 (bench/NOTES-kernels.md v23)
 RANK_FREE = tl.constexpr(16)
 RANK_UNROLL = tl.constexpr(16)  # ranks a per-row loop unrolls at once (unrolled to max_rank, the rank-64 GPU tests stalled)
 
@@ -612,9 +613,8 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     ``kernels.fused.add_rms_norm``). pos(t) is ``row_pos[t]`` (int32, each row's position, -1 for none: what
     the engine stages with the step), else ``tail_pos[slot(t)]``; h with one position needs neither.
 
-    Unlike the other fused kernels, the norm relies on zeros past each slot's rank: in h (the GEMM's columns
-    over zeroed A rows, or SiLU-mul's parts) and in B's first RANK_FREE rows (``AdapterSlots`` zero a slot past
-    each rank).
+    The norm (and rotary) rely on zeros past each slot's rank: in h (the GEMM's columns over zeroed A rows, or
+    SiLU-mul's parts) and in B's first RANK_FREE rows (``AdapterSlots`` zero a slot past each rank).
     """
     check_norm_args(x, residual, weight)
     t, n = x.shape
@@ -729,8 +729,8 @@ class LoRATails:
     ``add(w, bias)`` makes ``ext = [out + extra, in]`` whose first ``out`` rows are ``w`` and
     returns that part as a view: the model keeps it as the layer's weight, so every other
     path reads exactly what it read before, and the original tensor can go. Position p holds
-    one adapter's A in rows ``out + p * n_slices * max_rank`` on (``a_rows``); consumers mask
-    by rank, so what lies past a rank does not matter. ``F.linear(x, *weight(i, k))`` returns
+    one adapter's A in rows ``out + p * n_slices * max_rank`` on (``a_rows``), zeros past its
+    rank as the slots hold them (the norm and rotary read those columns of h). ``F.linear(x, *weight(i, k))`` returns
     the projection and, in its extra columns, x @ A.T against the adapters at positions < k:
     a step reads the A rows of its own adapters only. The extra rows are padded to a
     multiple of ``pad``, where cuBLAS keeps a fast kernel (bench/NOTES-kernels.md: 64 for

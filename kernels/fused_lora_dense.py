@@ -11,8 +11,8 @@ gate_up GEMM. The GEMM's extra columns already hold h of every token against eve
 
 is one tensor-core product [rows, positions * R] x [positions * R, columns] a tile, whose B loads wait on
 no metadata; a row's own position, rank and scaling only mask h. B rows past a rank and positions no row
-uses are multiplied by zeros, so the tails must hold finite values there: the slots do (rows past a rank
-keep an earlier adapter's finite weights, or zeros; adapters load only when finite).
+uses are multiplied by zeros, so the tails must hold finite values there: the slots do (zeros past each rank,
+``AdapterSlots._write``; adapters load only when finite).
 
 Down's shrink, when SiLU-mul runs it, stays per row (``_shrink_rows``).
 """

@@ -86,8 +86,8 @@ class LlamaModel:
                 len(weights.layers), min(fused_lora_dense.DENSE_POSITIONS, self.tail_positions), lora.max_rank,
                 weights.layers[0].gate_up.shape[0], weights.embed.dtype, weights.embed.device)
             self._staged: list[tuple[int, int] | None] = [None] * self.tail_positions   # (slot, generation)
-            # slot -> position, then row -> position (-1: no LoRA) for the step's tokens: the norm's h loads wait
-            # on the row's own entry instead of its slot's (``fused_lora.norm_lora``); one copy moves both
+            # slot -> position, then row -> position (-1: no LoRA) for the step's tokens: the norm's and rotary's h
+            # loads wait on the row's own entry instead of its slot's (``fused_lora.norm_lora``); one copy moves both
             self._pos = StagedBuffer(lora.num_slots + self.fused_lora_tokens, torch.int32, weights.embed.device)
             self.tail_pos, self.row_pos = self._pos.device[:lora.num_slots], self._pos.device[lora.num_slots:]
             self._pos_of = [0] * lora.num_slots                                                 # its host copy
