@@ -78,13 +78,6 @@ def gemm_h(width, n_slices, k, t=T):
     return tails.split(torch.randn(t, width + tails.rows(k), device=dev).to(dt), k)[1]
 
 
-def row_positions(meta, tail_pos):
-    """Each row's tail position (-1 without LoRA), as the engine stages it for the norm (``norm_lora``'s row_pos):
-    passed, so that a timing does not include the gather the norm does without it."""
-    slot = meta.token_slot[:meta.num_tokens]
-    return torch.where(slot >= 0, tail_pos[slot.clamp(min=0)], -1).to(torch.int32)
-
-
 def per_call(fn):
     """us per call of fn(layer), over LAYERS layers replayed in one CUDA graph (launch gaps included)."""
     return median_us(graphed(lambda: [fn(i) for i in range(LAYERS)])) / LAYERS

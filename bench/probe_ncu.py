@@ -16,7 +16,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
 from kernels.lora_meta import LoRAMeta
-from bench.fused_lora_setup import H, I, T, SLOTS, dev, fam, gemm_h, row_positions, small_inputs, workload_slots
+from bench.fused_lora_setup import H, I, T, SLOTS, dev, fam, gemm_h, small_inputs, workload_slots
 from worker.model.llama import TAIL_BUCKETS
 
 LAYERS = 16
@@ -46,7 +46,7 @@ def main():
         k = next(b for b in TAIL_BUCKETS if b >= meta.num_segments)
         h_o, h_gu, h_qkv, h_d = gemm_h(H, 1, k), gemm_h(2 * I, 2, k), gemm_h(6144, 3, k), gemm_h(H, 1, k)
         shrink = k > 8                                       # LlamaModel.down_in_gemm at 32 tokens
-        rp = row_positions(meta, tail_pos)
+        rp = fl.row_positions(meta, tail_pos)
         print(f"== {label}: {meta.num_segments} adapters, tail bucket {k}, down's shrink in "
               f"{'SiLU-mul' if shrink else 'its GEMM'}", flush=True)
         _, parts = fl.silu_mul_lora(gu, meta, h_gu, f_gu, f_d if shrink else None, tail_pos)

@@ -92,7 +92,7 @@ def main():
             meta = LoRAMeta.allocate(t, SLOTS, dev).fill(drawn)
             k = min(next(b for b in TAIL_BUCKETS if b >= meta.num_segments), t)
             h = gemm_h(H, 1, k, t)
-            row_pos = tail_pos[meta.token_slot[:t].long()].contiguous()
+            row_pos = fl.row_positions(meta, tail_pos, t)
             ref = fl.norm_lora(x[0], res, w, 1e-5, meta, h, f_o[0], tail_pos)
             eng = per_call(lambda i: fl.norm_lora(x[i], res, w, 1e-5, meta, h, f_o[i], tail_pos))
             print(f"== {name}: {meta.num_segments} adapters, bucket {k}\nengine norm_lora      : {eng:6.2f} us",

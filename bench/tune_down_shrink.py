@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from kernels import fused_lora as fl
 from kernels.lora_meta import LoRAMeta
-from bench.fused_lora_setup import H, I, R, dev, dt, fam as setup_fam, row_positions, workload_slots
+from bench.fused_lora_setup import H, I, R, dev, dt, fam as setup_fam, workload_slots
 from bench.kernels import graphed, median_us
 from worker.model.llama import TAIL_BUCKETS, TAIL_PAD
 
@@ -65,7 +65,7 @@ def main():
             slots = workload_slots(kind, t, SLOTS, int(seed or 0))
             meta = LoRAMeta.allocate(t, SLOTS, dev).fill(slots)
             k = next(b for b in TAIL_BUCKETS if b >= meta.num_segments)
-            rp = row_positions(meta, tail_pos)
+            rp = fl.row_positions(meta, tail_pos)
             t_gu = tails(2, 2 * I, H, k, TAIL_PAD["gate_up"])
 
             def in_silu(i):

@@ -17,7 +17,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
 from kernels.lora_meta import LoRAMeta
-from bench.fused_lora_setup import (H, I, LAYERS, R, dev, dt, fam as setup_fam, layer_activations, per_call, row_positions,
+from bench.fused_lora_setup import (H, I, LAYERS, R, dev, dt, fam as setup_fam, layer_activations, per_call,
                                     rotary_plain, workload_slots)
 
 SLOTS = 65                                               # 64 tail positions
@@ -72,7 +72,7 @@ def main():
             print(f"\n== {name}: {meta.num_segments} adapters, {k} tail positions", flush=True)
             grids = (["segments", "blocks"] if k == 1 else ["blocks"]) if t > fl.MANY_TOKENS else [None]
             h_d = torch.randn(t, k, 1, R, device=dev).to(dt)[None]      # down's h from its GEMM's columns
-            rp = row_positions(meta, tail_pos)
+            rp = fl.row_positions(meta, tail_pos)
             print(f"norm_lora(down from its GEMM): {per_call(lambda i: fl.norm_lora(x[i], res, w, 1e-5, meta, h_d, f_d[i], tail_pos, rp)):6.2f} us")
             for native in (False, True):
                 fl.NATIVE_EXPAND = native

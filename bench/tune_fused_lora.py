@@ -13,7 +13,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
 from bench.kernels import graphed, median_us
-from bench.fused_lora_setup import H, I, T, dev, fam, gemm_h, row_positions, small_inputs, steps
+from bench.fused_lora_setup import H, I, T, dev, fam, gemm_h, small_inputs, steps
 
 torch.manual_seed(0)
 
@@ -34,11 +34,12 @@ print(f"rotary                        {timeit(lambda: fused.rotary_(qkv[:, :4096
 for label, (meta, k) in metas.items():
     print(f"\n== {label}", flush=True)
     h_o, h_gu, h_qkv = gemm_h(H, 1, k), gemm_h(2 * I, 2, k), gemm_h(6144, 3, k)
+    rp = fl.row_positions(meta, tail_pos)
     for nw in (4, 8, 16):
         for rc in (4, 8, 16):
             a = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, parts, f_d, tail_pos, rank_chunk=rc, num_warps=nw))
-            b = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, h_o, f_o, tail_pos, row_positions(meta, tail_pos),
-                                            rank_chunk=rc, num_warps=nw))
+            b = timeit(lambda: fl.norm_lora(x, res, w, 1e-5, meta, h_o, f_o, tail_pos, rp, rank_chunk=rc,
+                                            num_warps=nw))
             print(f"norm_lora warps {nw:2d} rc {rc:2d}: expand(parts) {a:6.2f} us | expand(tail) {b:6.2f} us", flush=True)
     for bn in (16, 32, 64, 128):
         for nw in (1, 2, 4, 8):

@@ -17,7 +17,7 @@ import torch
 import triton
 from kernels import fused, fused_lora as fl
 from kernels.lora_meta import LoRAMeta
-from bench.fused_lora_setup import H, I, LAYERS, R, dev, dt, fam, gemm_h, per_call, row_positions, workload_slots
+from bench.fused_lora_setup import H, I, LAYERS, R, dev, dt, fam, gemm_h, per_call, workload_slots
 from worker.model.llama import TAIL_BUCKETS
 
 SLOTS = 65
@@ -57,7 +57,7 @@ def main():
                 h = p.as_strided((p.shape[0], t, 1, 1, R), (p.stride(0), p.stride(1), 0, R, 1))
             else:
                 h = gemm_h(H, 1, k, t)
-            rp = row_positions(meta, tail_pos)
+            rp = fl.row_positions(meta, tail_pos)
             ref = fl.norm_lora(x[0], res, w, 1e-5, meta, h, f_o[0], tail_pos, rp, *fl.NORM, 0)
             print(f"== {name}: {meta.num_segments} adapters, bucket {k}; engine's (warps, rank chunk[, cap]): "
                   f"{fl.NORM} (h from columns {fl.NORM_COLUMNS}), past {fl.NORM_MANY_TOKENS} rows {fl.NORM_MANY}",

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
 from kernels import fused, fused_lora as fl
-from bench.fused_lora_setup import H, I, LAYERS, T, dev, dt, fam, gemm_h, per_call, rotary_plain, row_positions, steps
+from bench.fused_lora_setup import H, I, LAYERS, T, dev, dt, fam, gemm_h, per_call, rotary_plain, steps
 
 torch.manual_seed(0)
 
@@ -39,7 +39,7 @@ NORMS = [(8, 8), (8, 16), (4, 16), (16, 16)]                # (warps, rank chunk
 for label, (meta, k) in metas.items():
     print(f"\n== {label}", flush=True)
     h_o, h_gu, h_qkv = gemm_h(H, 1, k), gemm_h(2 * I, 2, k), gemm_h(6144, 3, k)
-    rp = row_positions(meta, tail_pos)
+    rp = fl.row_positions(meta, tail_pos)
     for nw, rc in NORMS:
         us = per_call(lambda i: fl.norm_lora(x[i], res, w, 1e-5, meta, h_o, f_o[i], tail_pos, rp, num_warps=nw,
                                              rank_chunk=rc))

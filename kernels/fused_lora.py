@@ -238,10 +238,9 @@ def _norm_lora_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, slot_ptr, pos_ptr, h_
     use = slot >= 0
     slot = tl.maximum(slot, 0).to(tl.int64)
     h_row = h_ptr + row * stride_ht
-    if HAS_POS:                                  # a position outside h (a staging bug) reads nothing
-        pos = tl.load(pos_ptr + row)
-        use = use & (pos >= 0) & (pos < n_pos)
-        h_row += tl.maximum(pos, 0) * stride_hpos
+    if HAS_POS:                                  # a position outside h (a staging bug) reads position 0, unused
+        pos, use = _position(pos_ptr, row, use, n_pos, False)
+        h_row += tl.where(use, pos, 0) * stride_hpos
     # h summed over its parts once ([P_P2, BLOCK_R] in one load), then B in [RC, hidden] tiles
     p = tl.arange(0, P_P2)
     rr = tl.arange(0, BLOCK_R)
@@ -314,8 +313,7 @@ def _rows_at(row_pos_ptr, rows, use, n_pos, HAS_POS: tl.constexpr):
     """(position, use) of ``rows``: the engine's per-row positions (HAS_POS), else 0 (h with one position); ``use``
     narrowed to rows whose position lies inside h (a staging bug drops LoRA instead of reading past h)."""
     if HAS_POS:
-        p = tl.load(row_pos_ptr + rows, mask=use, other=0)
-        return tl.maximum(p, 0), use & (p >= 0) & (p < n_pos)
+        return _position(row_pos_ptr, rows, use, n_pos, True)
     return tl.zeros_like(rows), use
 
 
@@ -643,15 +641,21 @@ def norm_lora(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
 
 def _row_positions(meta: LoRAMeta, t: int, h: torch.Tensor, tail_pos: torch.Tensor | None,
                    row_pos: torch.Tensor | None) -> torch.Tensor | None:
-    """Each row's position in h as the norm reads it: None where h has one position (or stride 0 along them),
-    else ``row_pos`` checked, or ``tail_pos[slot]`` gathered here (-1 for rows without LoRA)."""
+    """Each row's position in h as the norm and rotary read it: None where h has one position (or stride 0 along
+    them), else ``row_pos`` checked, or ``row_positions`` gathered here."""
     if not h.stride(2) or h.shape[2] == 1:
         return None
     if row_pos is not None:
         if row_pos.dtype != torch.int32 or row_pos.dim() != 1 or row_pos.numel() < t:
             raise ValueError(f"row_pos must be int32 [>= {t}], got {row_pos.dtype} {tuple(row_pos.shape)}")
         return row_pos
-    slot = meta.token_slot[:t]
+    return row_positions(meta, tail_pos, t)
+
+
+def row_positions(meta: LoRAMeta, tail_pos: torch.Tensor, t: int | None = None) -> torch.Tensor:
+    """int32 [t]: ``tail_pos[slot]`` of each of the step's first ``t`` rows (all of them by default), -1 without
+    LoRA: the ``row_pos`` that the engine stages from the host, gathered on the device (tests, tools)."""
+    slot = meta.token_slot[: meta.num_tokens if t is None else t]
     return torch.where(slot >= 0, tail_pos[slot.clamp(min=0)], -1).to(torch.int32)
 
 
